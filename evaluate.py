@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Evaluate a checkpoint: ``python evaluate.py runs/char_flipout/best.pt --split test``."""
+
+import sys
+
+from lm.errors import run_cli
+from lm.eval_cli import main as _main
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

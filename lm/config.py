@@ -1,0 +1,257 @@
+"""Typed experiment configuration: dataclasses filled from YAML and dotted CLI overrides.
+
+Sections: ``data``, ``model``, ``regularizer``, ``optim``, ``train``, ``eval``. OmegaConf merges
+the layers (dataclass defaults < YAML file < ``--section.key value`` overrides) and rejects
+unknown keys and wrong types; each dataclass's ``__post_init__`` checks the values. Every field
+carries its help text in ``metadata["help"]`` so ``--help`` can list all keys with defaults.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from lm.errors import UserError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def _f(default: Any, help: str) -> Any:
+    return field(default=default, metadata={"help": help})
+
+
+def _choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    if value not in choices:
+        raise UserError(f"config key {key}={value!r} is invalid: expected one of {', '.join(map(str, choices))}")
+
+
+def _check(key: str, ok: bool, expected: str, value: Any) -> None:
+    if not ok:
+        raise UserError(f"config key {key}={value!r} is invalid: expected {expected}")
+
+
+def _prob(key: str, value: float) -> None:
+    _check(key, 0.0 <= value < 1.0, "a probability in [0, 1)", value)
+
+
+@dataclass
+class DataConfig:
+    level: str = _f("char", "tokenization of PTB: 'char' (50 symbols) or 'word' (10k words)")
+    ptb_dir: Optional[str] = _f(None, "PTB directory (else data/ptb, then $PTB_DIR, then download)")
+    train_tokens: Optional[int] = _f(None, "use only the first N training tokens (reduced-data studies); null = all")
+
+    def __post_init__(self) -> None:
+        _choice("data.level", self.level, ["char", "word"])
+        if self.train_tokens is not None:
+            _check("data.train_tokens", self.train_tokens > 0, "a positive token count or null", self.train_tokens)
+
+
+@dataclass
+class ModelConfig:
+    input: str = _f("embedding", "'embedding' lookup or 'onehot' input (the paper's char model)")
+    emb_size: int = _f(650, "embedding size (ignored for onehot input, which has the vocabulary size)")
+    hidden_size: int = _f(650, "LSTM units per layer")
+    num_layers: int = _f(2, "number of stacked LSTM layers")
+    tie_weights: bool = _f(False, "share the embedding and decoder matrices (needs emb_size == hidden_size)")
+    init: str = _f("uniform", "'uniform' (AWD: embeddings/decoder U(-r,r), LSTM U(-1/sqrt(H),1/sqrt(H))) "
+                   "or 'orthogonal' (orthogonal gate blocks, zero biases; the paper's char model)")
+    init_range: float = _f(0.1, "r for the uniform embedding/decoder initialisation")
+
+    def __post_init__(self) -> None:
+        _choice("model.input", self.input, ["embedding", "onehot"])
+        _choice("model.init", self.init, ["uniform", "orthogonal"])
+        for key in ("emb_size", "hidden_size", "num_layers"):
+            _check(f"model.{key}", getattr(self, key) > 0, "a positive integer", getattr(self, key))
+        if self.tie_weights and self.input == "onehot":
+            raise UserError("config key model.tie_weights=true needs model.input=embedding")
+        if self.tie_weights and self.emb_size != self.hidden_size:
+            raise UserError("config key model.tie_weights=true needs model.emb_size == model.hidden_size")
+
+
+@dataclass
+class RegularizerConfig:
+    name: str = _f("none", "regularizer name (python train.py --list-regularizers)")
+    weight_p: float = _f(0.0, "DropConnect probability on W_hh (weight_drop; wd_flipout needs 0.5)")
+    sigma: float = _f(0.0, "std of multiplicative Gaussian weight noise W(1+sigma*eps) (gauss, gauss_flipout)")
+    perturb_ih: bool = _f(False, "also perturb the input-to-hidden weights W_ih (paper App. E.4)")
+    resample_per_step: bool = _f(False, "flipout: draw new sign vectors every time step (default: once per window)")
+    hidden_p: float = _f(0.0, "variational: dropout on the recurrent h_{t-1}, one mask per window")
+    cell_p: float = _f(0.0, "semeniuta: dropout on the cell update g_t, new mask every step")
+    zoneout_c: float = _f(0.0, "zoneout probability of the cell state")
+    zoneout_h: float = _f(0.0, "zoneout probability of the hidden state")
+    embed_p: float = _f(0.0, "embedding dropout: drop whole rows of the embedding matrix")
+    input_p: float = _f(0.0, "dropout on the first LSTM layer's input")
+    between_p: float = _f(0.0, "dropout on the outputs of inner LSTM layers (between layers)")
+    output_p: float = _f(0.0, "dropout on the last LSTM layer's output")
+
+    def __post_init__(self) -> None:
+        for key in ("weight_p", "hidden_p", "cell_p", "zoneout_c", "zoneout_h", "embed_p", "input_p",
+                    "between_p", "output_p"):
+            _prob(f"regularizer.{key}", getattr(self, key))
+        _check("regularizer.sigma", self.sigma >= 0, "a non-negative number", self.sigma)
+
+
+@dataclass
+class OptimConfig:
+    name: str = _f("sgd", "'sgd', 'adam' or 'amsgrad' (Adam with amsgrad=True)")
+    lr: float = _f(30.0, "learning rate")
+    weight_decay: float = _f(0.0, "L2 weight decay")
+    clip: float = _f(0.25, "gradient clipping threshold on the global norm (0 = off)")
+    schedule: str = _f("none", "'none', 'nonmono_decay' (divide lr by decay_factor on Merity's criterion) "
+                       "or 'nt_asgd' (switch SGD to averaged SGD on the criterion)")
+    nonmono: int = _f(5, "n of the nonmonotonic criterion: compare with the best of all but the last n validations")
+    decay_factor: float = _f(4.0, "nonmono_decay: divide the lr by this factor")
+    reset_log_on_decay: bool = _f(True, "nonmono_decay: clear the validation log after a decay, so the next "
+                                  "decay waits at least n more validations")
+
+    def __post_init__(self) -> None:
+        _choice("optim.name", self.name, ["sgd", "adam", "amsgrad"])
+        _choice("optim.schedule", self.schedule, ["none", "nonmono_decay", "nt_asgd"])
+        _check("optim.lr", self.lr > 0, "a positive learning rate", self.lr)
+        _check("optim.clip", self.clip >= 0, "a non-negative norm", self.clip)
+        _check("optim.weight_decay", self.weight_decay >= 0, "a non-negative number", self.weight_decay)
+        _check("optim.nonmono", self.nonmono >= 0, "a non-negative integer", self.nonmono)
+        _check("optim.decay_factor", self.decay_factor > 1, "a factor > 1", self.decay_factor)
+        if self.schedule == "nt_asgd" and self.name != "sgd":
+            raise UserError("config key optim.schedule=nt_asgd needs optim.name=sgd")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = _f(1, "random seed (fixes data order, init and noise)")
+    batch_size: int = _f(40, "training batch size (parallel token streams)")
+    bptt: int = _f(35, "BPTT window length")
+    variable_bptt: bool = _f(False, "AWD variable window length (bptt or bptt/2, jittered) with lr rescale")
+    max_epochs: int = _f(100, "maximum number of epochs")
+    max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (smoke runs); null = no cap")
+    eval_every_steps: int = _f(0, "validate every K steps (0 = once per epoch)")
+    patience: int = _f(0, "early stopping: stop after this many validations without improvement (0 = off)")
+    device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
+    threads: int = _f(0, "torch CPU threads (0 = torch default)")
+    progress: bool = _f(True, "show a tqdm progress bar on a terminal")
+
+    def __post_init__(self) -> None:
+        for key in ("batch_size", "bptt", "max_epochs"):
+            _check(f"train.{key}", getattr(self, key) > 0, "a positive integer", getattr(self, key))
+        if self.max_steps is not None:
+            _check("train.max_steps", self.max_steps > 0, "a positive integer or null", self.max_steps)
+        _check("train.eval_every_steps", self.eval_every_steps >= 0, "a non-negative integer", self.eval_every_steps)
+        _check("train.patience", self.patience >= 0, "a non-negative integer", self.patience)
+        _check("train.threads", self.threads >= 0, "a non-negative integer", self.threads)
+        _choice("train.device", self.device, ["auto", "cpu", "cuda"])
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = _f(10, "evaluation batch size: streams of len/B tokens; smaller keeps more context "
+                         "and drops fewer tail tokens (N mod B), larger is faster")
+    bptt: int = _f(100, "evaluation window (hidden state carries across windows, so it only affects speed)")
+
+    def __post_init__(self) -> None:
+        _check("eval.batch_size", self.batch_size > 0, "a positive integer", self.batch_size)
+        _check("eval.bptt", self.bptt > 0, "a positive integer", self.bptt)
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    regularizer: RegularizerConfig = field(default_factory=RegularizerConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.fields(Config)}  # section -> dataclass
+
+
+def resolve_config_path(name: str) -> Path:
+    """A path as given, else a file name (with or without ``.yaml``) under ``configs/``."""
+    for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"config file {name!r} not found: give a path or a file name under {CONFIG_DIR}")
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read config {path}: {first}; fix the YAML syntax") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"config {path} must be a mapping of sections (data, model, ...), got {type(data).__name__}")
+    return data
+
+
+def _config_error(e: OmegaConfBaseException) -> UserError:
+    key = getattr(e, "full_key", None) or ""
+    msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    if type(e).__name__ == "ConfigKeyError" and key:
+        section = key.split(".")[0]
+        if section in SECTIONS and "." in key:
+            valid = ", ".join(f.name for f in dataclasses.fields(SECTIONS[section]))
+            return UserError(f"unknown config key {key!r}: valid keys in {section} are {valid}")
+        return UserError(f"unknown config key {key!r}: valid sections are {', '.join(SECTIONS)}")
+    where = f"config key {key}: " if key else "config: "
+    return UserError(f"{where}{msg}")
+
+
+def parse_overrides(args: Sequence[str]) -> list[str]:
+    """Turn ``['--optim.lr', '0.1', '--train.seed=3']`` into OmegaConf dotlist ``['optim.lr=0.1', ...]``."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or "." not in arg.split("=")[0]:
+            raise UserError(f"unrecognised argument {arg!r}: config overrides look like --section.key VALUE")
+        if "=" in arg:
+            out.append(arg[2:])
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise UserError(f"override {arg} has no value: write {arg} VALUE")
+            out.append(f"{arg[2:]}={args[i + 1]}")
+            i += 2
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
+                base: dict | None = None) -> Config:
+    """Build a validated :class:`Config` from defaults, an optional YAML file or dict, and dotlist overrides."""
+    try:
+        cfg = OmegaConf.structured(Config)
+        if base is not None:
+            cfg = OmegaConf.merge(cfg, base)
+        if path is not None:
+            cfg = OmegaConf.merge(cfg, _read_yaml(resolve_config_path(str(path))))
+        if overrides:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
+        return OmegaConf.to_object(cfg)  # type: ignore[return-value]  # runs every __post_init__
+    except OmegaConfBaseException as e:
+        raise _config_error(e) from None
+
+
+def to_dict(cfg: Config) -> dict:
+    """Plain nested dict (YAML/JSON/checkpoint friendly)."""
+    return dataclasses.asdict(cfg)
+
+
+def config_help() -> str:
+    """Every key with its type, default and meaning, for ``--help``."""
+    lines = ["config keys (override any with --section.key VALUE):"]
+    for section, cls in SECTIONS.items():
+        lines.append(f"  {section}:")
+        for f in dataclasses.fields(cls):
+            default = f.default
+            lines.append(f"    --{section}.{f.name} (default: {default!r})")
+            lines.append(f"        {f.metadata.get('help', '')}")
+    return "\n".join(lines)

@@ -1,0 +1,6 @@
+"""Corpus loading (PTB resolution, checksums, tokenization, caching) and batching."""
+
+from lm.data.batching import batchify, bptt_windows
+from lm.data.corpus import Corpus, load_corpus
+
+__all__ = ["Corpus", "load_corpus", "batchify", "bptt_windows"]

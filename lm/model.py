@@ -1,0 +1,101 @@
+"""The language model: input (embedding or one-hot) -> stacked LSTM layers -> linear decoder.
+
+Every stochastic part goes through the model's regularizer (:mod:`lm.regularizers`), which
+is a submodule, so ``print(model)`` shows its rates. Layout is time-major: tokens ``(T, B)``,
+logits ``(T, B, V)``, state one ``(h, c)`` of ``(B, H)`` per layer.
+
+The paper's char model (App. D.1) feeds one-hot characters into a 1x1000 LSTM: a one-hot
+vector times ``W_ih`` is a column lookup, so it costs no more than an embedding, and with a
+50-symbol vocabulary the model has 4*1000*(50+1000) + 2*4000 + 1000*50 + 50 = 4,258,050
+parameters. The word model (2x650, untied 650-d embeddings, 10k words) has 19,780,400.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm.config import ModelConfig, RegularizerConfig
+from lm.lstm import LSTMLayer, State
+from lm.regularizers import Regularizer, build_regularizer
+
+
+class LanguageModel(nn.Module):
+    """LSTM language model.
+
+    Args:
+        cfg: model section of the config.
+        regularizer: a :class:`Regularizer` (or its config) that perturbs the forward pass.
+        vocab_size: ``V``.
+    """
+
+    def __init__(self, cfg: ModelConfig, regularizer: Regularizer | RegularizerConfig, vocab_size: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.vocab_size = vocab_size
+        self.onehot = cfg.input == "onehot"
+        in_size = vocab_size if self.onehot else cfg.emb_size
+        self.encoder = None if self.onehot else nn.Embedding(vocab_size, cfg.emb_size)
+        self.layers = nn.ModuleList(
+            LSTMLayer(in_size if i == 0 else cfg.hidden_size, cfg.hidden_size) for i in range(cfg.num_layers))
+        self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
+        if cfg.tie_weights:
+            assert self.encoder is not None
+            self.decoder.weight = self.encoder.weight
+        self.regularizer = regularizer if isinstance(regularizer, Regularizer) else build_regularizer(regularizer)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """'uniform': AWD-LSTM (embeddings/decoder U(-r, r), decoder bias 0, LSTM PyTorch's
+        U(-1/sqrt(H), 1/sqrt(H))). 'orthogonal': each H x in gate block of W_ih and W_hh
+        orthogonal, LSTM biases 0 (paper App. D.1, char model)."""
+        r = self.cfg.init_range
+        if self.encoder is not None:
+            nn.init.uniform_(self.encoder.weight, -r, r)
+        if not self.cfg.tie_weights:
+            nn.init.uniform_(self.decoder.weight, -r, r)
+        nn.init.zeros_(self.decoder.bias)
+        for layer in self.layers:
+            layer.rnn.reset_parameters()
+            if self.cfg.init == "orthogonal":
+                with torch.no_grad():
+                    for w in (layer.weight_ih, layer.weight_hh):
+                        for block in w.chunk(4, 0):
+                            nn.init.orthogonal_(block)
+                    layer.rnn.bias_ih_l0.zero_()
+                    layer.rnn.bias_hh_l0.zero_()
+
+    def init_state(self, batch_size: int) -> list[State]:
+        """Zero ``(h, c)`` per layer, each ``(B, H)``."""
+        w = self.decoder.weight
+        zeros = lambda: w.new_zeros(batch_size, self.cfg.hidden_size)  # noqa: E731
+        return [(zeros(), zeros()) for _ in self.layers]
+
+    def forward(self, tokens: torch.Tensor, state: list[State]) -> tuple[torch.Tensor, list[State]]:
+        """Args: tokens ``(T, B)`` ids; state from :meth:`init_state` or the previous window.
+        Returns: logits ``(T, B, V)`` and the new state (not detached)."""
+        reg = self.regularizer
+        steps, batch = tokens.shape
+        if self.encoder is None:
+            x = F.one_hot(tokens, self.vocab_size).to(self.decoder.weight.dtype)
+        else:
+            x = F.embedding(tokens, reg.embedding_weight(self.encoder.weight))
+        x = reg.drop_input(x)
+        new_state = []
+        for i, layer in enumerate(self.layers):
+            x, s = layer(x, state[i], reg.layer_noise(layer, batch, steps))
+            new_state.append(s)
+            if i + 1 < len(self.layers):
+                x = reg.drop_between(x)
+        return self.decoder(reg.drop_output(x)), new_state
+
+
+def detach_state(state: list[State]) -> list[State]:
+    """Cut the graph between windows (truncated BPTT) while carrying the values."""
+    return [(h.detach(), c.detach()) for h, c in state]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in model.parameters())

@@ -1,0 +1,107 @@
+"""Base class of the recurrent regularizers: the hooks the language model calls.
+
+A regularizer acts at four places of :class:`lm.model.LanguageModel`:
+
+* ``embedding_weight``: embedding dropout (whole rows of the embedding matrix, AWD-LSTM);
+* ``drop_input`` / ``drop_between`` / ``drop_output``: dropout on the LSTM stack's input,
+  between layers and on its output, ``(T, B, F)``; *locked* (one mask per example held over
+  the window, AWD's LockedDropout) unless the class sets ``locked = False`` (a new mask per step);
+* ``layer_noise``: the :class:`lm.lstm.RecurrentNoise` plan of one LSTM layer for one window.
+
+Every option is a probability or scale; at zero, and in eval mode, each hook is an exact
+identity (zoneout in eval uses its expectation, by definition of the method).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm.config import RegularizerConfig
+from lm.errors import UserError
+from lm.lstm import LSTMLayer, RecurrentNoise
+
+SHARED_OPTIONS = ("embed_p", "input_p", "between_p", "output_p")
+
+
+class Regularizer(nn.Module):
+    """Base: no recurrent noise; shared embedding/input/between/output dropout.
+
+    Subclasses set ``name`` (registry key), ``summary`` (one line), ``perturbs``,
+    ``granularity`` and ``paper`` (for docs), and ``options``: the keys of
+    :class:`lm.config.RegularizerConfig` they read besides the shared dropout rates.
+    Any other key set away from its default is a configuration error.
+    """
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    perturbs: ClassVar[str] = ""
+    granularity: ClassVar[str] = ""
+    paper: ClassVar[str] = ""
+    options: ClassVar[tuple[str, ...]] = ()
+    locked: ClassVar[bool] = True
+
+    def __init__(self, cfg: RegularizerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.check(cfg)
+
+    @classmethod
+    def check(cls, cfg: RegularizerConfig) -> None:
+        """Reject options this regularizer would silently ignore."""
+        defaults = RegularizerConfig()
+        allowed = set(SHARED_OPTIONS) | set(cls.options) | {"name"}
+        for f in dataclasses.fields(cfg):
+            if f.name not in allowed and getattr(cfg, f.name) != getattr(defaults, f.name):
+                uses = ", ".join((*cls.options, *SHARED_OPTIONS))
+                raise UserError(f"config key regularizer.{f.name} is not used by regularizer '{cls.name}' "
+                                f"(it reads {uses}): remove it or choose a regularizer that uses it")
+
+    # -- model-level hooks -------------------------------------------------------------
+    def embedding_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """Embedding dropout: zero whole rows (words) with prob ``embed_p``, scale the rest by 1/(1-p)."""
+        p = self.cfg.embed_p
+        if not self.training or p == 0:
+            return weight
+        mask = torch.empty((weight.size(0), 1), dtype=weight.dtype, device=weight.device).bernoulli_(1 - p)
+        return weight * (mask / (1 - p))
+
+    def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        """Dropout on ``(T, B, F)``: one mask ``(1, B, F)`` per window if ``locked``, else per element."""
+        if not self.training or p == 0:
+            return x
+        if not self.locked:
+            return F.dropout(x, p, training=True)
+        mask = torch.empty((1, *x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+        return x * (mask / (1 - p))
+
+    def drop_input(self, x: torch.Tensor) -> torch.Tensor:
+        return self._drop(x, self.cfg.input_p)
+
+    def drop_between(self, x: torch.Tensor) -> torch.Tensor:
+        return self._drop(x, self.cfg.between_p)
+
+    def drop_output(self, x: torch.Tensor) -> torch.Tensor:
+        return self._drop(x, self.cfg.output_p)
+
+    def layer_noise(self, layer: LSTMLayer, batch: int, steps: int) -> RecurrentNoise:
+        """The plan for one layer and one window of ``steps`` x ``batch``: here, the mean weights."""
+        return RecurrentNoise(layer.weight_ih, layer.weight_hh, training=self.training)
+
+    def extra_repr(self) -> str:
+        keys = ("name", *self.options, *SHARED_OPTIONS)
+        return ", ".join(f"{k}={getattr(self.cfg, k)}" for k in keys) + f", locked={self.locked}"
+
+
+class NoRegularizer(Regularizer):
+    """``none``: the unregularized LSTM (paper Tables 2 and 3, first row)."""
+
+    name = "none"
+    summary = "unregularized LSTM (optionally with the shared embedding/input/output dropout)"
+    perturbs = "nothing (shared dropout options only)"
+    granularity = "-"
+    paper = "Tables 2-3, 'Unregularized LSTM'"

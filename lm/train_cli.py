@@ -1,0 +1,67 @@
+"""``python train.py``: argument parsing, run-directory policy, and the call into the trainer."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+from pathlib import Path
+from typing import Sequence
+
+import yaml
+
+from lm.config import config_help, load_config, parse_overrides
+from lm.errors import UserError
+from lm.regularizers import build_regularizer, describe
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Train an LSTM language model on Penn Treebank.",
+        epilog=config_help() + "\n\nexample: python train.py --config char_flipout.yaml --optim.lr 0.001 "
+        "--train.max_steps 50")
+    p.add_argument("--config", help="YAML config: a path or a file name under configs/ (e.g. char_flipout.yaml)")
+    p.add_argument("--run-dir", help="output directory (default: runs/<config name>)")
+    p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
+    p.add_argument("--force", action="store_true", help="replace an existing run directory")
+    p.add_argument("--list-regularizers", action="store_true", help="print the regularizers and exit")
+    return p
+
+
+def _run_dir(args: argparse.Namespace) -> Path:
+    if args.run_dir:
+        return Path(args.run_dir)
+    if args.config:
+        return Path("runs") / Path(args.config).stem
+    raise UserError("no --config given: pass --config FILE (or --run-dir DIR --resume to continue a run)")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args, rest = build_parser().parse_known_args(argv)
+    if args.list_regularizers:
+        print(describe())
+        return 0
+    if args.resume and args.force:
+        raise UserError("--resume and --force contradict each other: keep one")
+    overrides = parse_overrides(rest)
+    run_dir = _run_dir(args)
+    base = None
+    if args.resume:
+        saved = run_dir / "config.yaml"
+        if not (run_dir / "last.pt").is_file() or not saved.is_file():
+            raise UserError(f"cannot resume: {run_dir} has no last.pt and config.yaml; train it first without --resume")
+        base = yaml.safe_load(saved.read_text())
+    elif not args.config:
+        raise UserError("no --config given: pass --config FILE (or --run-dir DIR --resume to continue a run)")
+    cfg = load_config(args.config, overrides, base=base)
+    build_regularizer(cfg.regularizer)  # validate regularizer options before touching the run directory
+    if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
+        if not args.force:
+            raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it, --force to "
+                            "replace it, or --run-dir for a new one")
+    from lm.trainer import Trainer  # heavy import after argument checks: fast --help and errors
+
+    trainer = Trainer(cfg, run_dir, resume=args.resume)  # loads data and builds the model: may raise UserError
+    if args.force and run_dir.exists():
+        shutil.rmtree(run_dir)
+    return trainer.fit()

@@ -1,0 +1,290 @@
+"""The training loop: truncated BPTT, clipping, lr schedule, validation, checkpoints, resume.
+
+One :class:`Trainer` owns one run directory::
+
+    config.yaml     the resolved config
+    metrics.jsonl   one JSON object per validation
+    best.pt         best validation state (averaged weights once NT-ASGD is on)
+    last.pt         everything needed to resume exactly (model, optimizer, schedule, RNG,
+                    epoch/step, position in the epoch and the carried hidden state)
+    results.json    valid and test figures of best.pt, parameter count, timings
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from tqdm import tqdm
+
+from lm.checkpoint import atomic_write, load_checkpoint, save_checkpoint
+from lm.config import Config, to_dict
+from lm.data import Corpus, batchify, bptt_windows, load_corpus
+from lm.data.batching import num_windows
+from lm.evaluation import evaluate
+from lm.metrics import from_nats, metric_name
+from lm.model import LanguageModel, count_parameters, detach_state
+from lm.schedule import NonMonotonic
+
+EXIT_INTERRUPTED = 130
+EXIT_DIVERGED = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def make_optimizer(cfg: Config, params, asgd: bool = False) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if asgd:  # AWD-LSTM's NT-ASGD: averaging starts at once (t0=0), no lr decay (lambd=0)
+        return torch.optim.ASGD(params, lr=o.lr, t0=0, lambd=0.0, weight_decay=o.weight_decay)
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.name == "amsgrad")
+
+
+class Diverged(Exception):
+    """The training loss became NaN or infinite."""
+
+
+class Trainer:
+    """Train ``cfg`` into ``run_dir`` (fresh, or continued from ``run_dir/last.pt`` with ``resume``)."""
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, corpus: Corpus | None = None) -> None:
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        if cfg.train.threads:
+            torch.set_num_threads(cfg.train.threads)
+        self.device = resolve_device(cfg.train.device)
+        torch.manual_seed(cfg.train.seed)
+        self.corpus = corpus or load_corpus(cfg.data.level, cfg.data.ptb_dir, cfg.data.train_tokens)
+        self.level = self.corpus.level
+        self.model = LanguageModel(cfg.model, cfg.regularizer, len(self.corpus.vocab)).to(self.device)
+        self.train_data = batchify(self.corpus.train, cfg.train.batch_size).to(self.device)
+        self.nonmono = NonMonotonic(cfg.optim.nonmono)
+        self.asgd = False
+        self.optimizer = make_optimizer(cfg, self.model.parameters())
+        self.lr = cfg.optim.lr
+        self.epoch = self.step = self.pos = self.bad_validations = 0
+        self.best_val, self.best_epoch, self.best_step = math.inf, 0, 0
+        self.elapsed, self.tokens_seen = 0.0, 0  # training-step seconds and tokens (for tokens/s)
+        self.wall_offset, self._wall_start = 0.0, time.perf_counter()  # wall clock incl. validation
+        self.state = self.model.init_state(cfg.train.batch_size)
+        self.interrupted: int | None = None
+        if resume:
+            self._restore(load_checkpoint(self.run_dir / "last.pt"))
+
+    # -- checkpoints ------------------------------------------------------------------
+    def _payload(self, model_state: dict | None = None) -> dict:
+        rng = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        return {
+            "config": to_dict(self.cfg), "vocab": self.corpus.vocab, "params": count_parameters(self.model),
+            "model": model_state or self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "asgd": self.asgd, "lr": self.lr, "nonmono": self.nonmono.state_dict(), "rng": rng,
+            "epoch": self.epoch, "step": self.step, "pos": self.pos,
+            "hidden": [[h.cpu(), c.cpu()] for h, c in self.state],
+            "best_val": self.best_val, "best_epoch": self.best_epoch, "best_step": self.best_step,
+            "bad_validations": self.bad_validations, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
+            "wall": self.wall,
+        }
+
+    def _restore(self, ck: dict) -> None:
+        self.model.load_state_dict(ck["model"])
+        self.asgd = bool(ck["asgd"])
+        if self.asgd:
+            self.optimizer = make_optimizer(self.cfg, self.model.parameters(), asgd=True)
+        self.optimizer.load_state_dict(ck["optimizer"])
+        self.lr = float(ck["lr"])
+        self.nonmono.load_state_dict(ck["nonmono"])
+        torch.set_rng_state(ck["rng"]["cpu"])
+        if "cuda" in ck["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
+        for key in ("epoch", "step", "pos", "best_epoch", "best_step", "bad_validations", "tokens_seen"):
+            setattr(self, key, int(ck[key]))
+        self.best_val, self.elapsed = float(ck["best_val"]), float(ck["elapsed"])
+        self.wall_offset = float(ck["wall"])
+        self.state = [(h.to(self.device), c.to(self.device)) for h, c in ck["hidden"]]
+
+    @property
+    def wall(self) -> float:
+        return self.wall_offset + time.perf_counter() - self._wall_start
+
+    def save(self, name: str, model_state: dict | None = None) -> None:
+        save_checkpoint(self.run_dir / name, self._payload(model_state))
+
+    def write_config(self) -> None:
+        text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
+        atomic_write(self.run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
+
+    @contextlib.contextmanager
+    def averaged_weights(self):
+        """Under NT-ASGD, temporarily load the averaged weights ``ax`` (AWD evaluates those)."""
+        if not self.asgd:
+            yield
+            return
+        backup = {}
+        for p in self.model.parameters():
+            ax = self.optimizer.state.get(p, {}).get("ax")
+            if ax is not None:
+                backup[p] = p.detach().clone()
+                p.data.copy_(ax)
+        try:
+            yield
+        finally:
+            for p, value in backup.items():
+                p.data.copy_(value)
+
+    # -- validation and schedule ------------------------------------------------------
+    def validate(self, train_loss: float) -> bool:
+        """Evaluate, checkpoint, apply the schedule and early stopping; return True to stop."""
+        e = self.cfg.eval
+        with self.averaged_weights():
+            val = evaluate(self.model, self.corpus.valid, self.level, e.batch_size, e.bptt)
+            improved = val["loss"] < self.best_val
+            if improved:
+                self.best_val, self.best_epoch, self.best_step = val["loss"], self.epoch, self.step
+                self.bad_validations = 0
+                self.save("best.pt", {k: v.clone() for k, v in self.model.state_dict().items()})
+        if not improved:
+            self.bad_validations += 1
+        event = self._schedule(val["loss"])
+        m = metric_name(self.level)
+        record = {"epoch": self.epoch + self.pos / max(1, self.train_data.size(0) - 1), "step": self.step,
+                  "lr": self.lr, "train_loss": train_loss, f"train_{m}": from_nats(train_loss, self.level),
+                  "valid_loss": val["loss"], f"valid_{m}": val[m],
+                  "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "elapsed_s": self.wall,
+                  "best": improved, "event": event}
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        tqdm.write(f"| epoch {record['epoch']:6.2f} | step {self.step:7d} | lr {self.lr:.3g} | train {m} "
+                   f"{record[f'train_{m}']:8.3f} | valid {m} {val[m]:8.3f} | {record['tokens_per_s']:8.0f} tok/s "
+                   f"| {self.wall:7.0f}s{' *' if improved else ''}{f' [{event}]' if event else ''}")
+        self.save("last.pt")
+        return bool(self.cfg.train.patience) and self.bad_validations >= self.cfg.train.patience
+
+    def _schedule(self, val_loss: float) -> str:
+        o = self.cfg.optim
+        if o.schedule == "none" or self.asgd or not self.nonmono.step(val_loss):
+            return ""
+        if o.schedule == "nonmono_decay":
+            self.lr /= o.decay_factor
+            if o.reset_log_on_decay:
+                self.nonmono.reset()
+            return f"lr / {o.decay_factor:g}"
+        self.asgd = True
+        self.optimizer = make_optimizer(self.cfg, self.model.parameters(), asgd=True)
+        return "switched to ASGD"
+
+    # -- training ---------------------------------------------------------------------
+    def _on_signal(self, signum, frame) -> None:
+        self.interrupted = signum
+        signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        t = self.cfg.train
+        lr = self.lr * x.size(0) / t.bptt if t.variable_bptt else self.lr  # AWD's lr rescale by window length
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.model.train()
+        logits, state = self.model(x, self.state)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        value = loss.item()
+        if not math.isfinite(value):
+            raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
+        if self.cfg.optim.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip)
+        self.optimizer.step()
+        self.state = detach_state(state)
+        return value
+
+    def fit(self) -> int:
+        """Train until max_epochs, max_steps, early stopping or a signal. Returns an exit code."""
+        t = self.cfg.train
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.write_config()
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+        self._wall_start = time.perf_counter()  # wall time counts from the first step, not data loading
+        try:
+            return self._fit()
+        except Diverged as e:
+            tqdm.write(f"error: {e}; stopped without saving: {self.run_dir}/last.pt and best.pt keep the last good "
+                       "state (lower optim.lr or set optim.clip)")
+            return EXIT_DIVERGED
+        finally:
+            for s, handler in old.items():
+                signal.signal(s, handler)
+
+    def _fit(self) -> int:
+        t = self.cfg.train
+        m = metric_name(self.level)
+        stop = self.epoch >= t.max_epochs or (t.max_steps is not None and self.step >= t.max_steps)
+        losses: list[float] = []
+        while not stop:
+            total = num_windows(self.train_data, t.bptt)
+            bar = tqdm(total=total, initial=min(total, self.pos // t.bptt), desc=f"epoch {self.epoch + 1}",
+                       disable=None if t.progress else True, leave=False, dynamic_ncols=True)
+            for row, x, y in bptt_windows(self.train_data, t.bptt, self.pos, t.variable_bptt):
+                start = time.perf_counter()
+                losses.append(self.train_step(x, y))
+                self.elapsed += time.perf_counter() - start
+                self.tokens_seen += y.numel()
+                self.step += 1
+                self.pos = row + x.size(0)
+                bar.update(1)
+                bar.set_postfix(loss=f"{losses[-1]:.3f}", **{m: f"{from_nats(losses[-1], self.level):.3f}"},
+                                tok_s=f"{self.tokens_seen / max(self.elapsed, 1e-9):.0f}")
+                if self.interrupted is not None:
+                    break
+                capped = t.max_steps is not None and self.step >= t.max_steps
+                if (t.eval_every_steps and self.step % t.eval_every_steps == 0) or capped:
+                    stop = self.validate(sum(losses) / len(losses)) or capped
+                    losses = []
+                    if stop:
+                        break
+            bar.close()
+            if self.interrupted is not None:
+                self.save("last.pt")
+                tqdm.write(f"interrupted at step {self.step}; saved {self.run_dir}/last.pt. Resume with: "
+                           f"python train.py --run-dir {self.run_dir} --resume")
+                return EXIT_INTERRUPTED
+            if self.pos >= self.train_data.size(0) - 1:  # epoch complete
+                self.epoch, self.pos = self.epoch + 1, 0
+                self.state = self.model.init_state(t.batch_size)
+                if not stop and losses and (not t.eval_every_steps or self.epoch >= t.max_epochs):
+                    stop = self.validate(sum(losses) / len(losses))
+                    losses = []
+                stop = stop or self.epoch >= t.max_epochs
+        self.finish()
+        return 0
+
+    def finish(self) -> dict:
+        """Evaluate best.pt on valid and test and write results.json."""
+        best = load_checkpoint(self.run_dir / "best.pt")
+        self.model.load_state_dict(best["model"])
+        e = self.cfg.eval
+        results = {
+            "level": self.level, "regularizer": self.cfg.regularizer.name, "seed": self.cfg.train.seed,
+            "params": count_parameters(self.model), "epochs": self.epoch + self.pos / max(1, self.train_data.size(0) - 1),
+            "steps": self.step, "best_epoch": self.best_epoch, "best_step": self.best_step,
+            "train_tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "wall_s": self.wall,
+            "valid": evaluate(self.model, self.corpus.valid, self.level, e.batch_size, e.bptt),
+            "test": evaluate(self.model, self.corpus.test, self.level, e.batch_size, e.bptt),
+        }
+        text = json.dumps(results, indent=2)
+        atomic_write(self.run_dir / "results.json", lambda tmp: tmp.write_text(text + "\n"))
+        m = metric_name(self.level)
+        tqdm.write(f"best checkpoint (step {self.best_step}): valid {m} {results['valid'][m]:.4f} | "
+                   f"test {m} {results['test'][m]:.4f} -> {self.run_dir}/results.json")
+        return results

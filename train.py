@@ -1,0 +1,15 @@
+#!/usr/bin/env python
+"""Train an LSTM language model on PTB: ``python train.py --config char_flipout.yaml``."""
+
+import sys
+
+from lm.errors import run_cli
+from lm.train_cli import main as _main
+
+
+def main(argv=None) -> int:
+    return run_cli(_main, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
