@@ -45,11 +45,40 @@ class DataConfig:
     level: str = _f("char", "tokenization of PTB: 'char' (50 symbols) or 'word' (10k words)")
     ptb_dir: Optional[str] = _f(None, "PTB directory (else data/ptb, then $PTB_DIR, then download)")
     train_tokens: Optional[int] = _f(None, "use only the first N training tokens (reduced-data studies); null = all")
+    # Your own corpus (lm/data/custom.py); all null = PTB. See docs/workflow.md.
+    path: Optional[str] = _f(None, "your own UTF-8 corpus instead of PTB: a directory with train.txt, valid.txt, "
+                             "test.txt, or one text file cut by data.split_fractions; null = PTB")
+    tokenizer: Optional[str] = _f(None, "tokenization of data.path: 'char', 'word' or 'sentencepiece' "
+                                  "(null = data.level)")
+    vocab_size: Optional[int] = _f(None, "data.path only: word/char = keep the N most frequent symbols, the rest "
+                                   "become <unk> (null = no cap); sentencepiece = size of the trained vocabulary "
+                                   "(required)")
+    split_fractions: Optional[list[float]] = _f(None, "data.path is one file: train/valid/test fractions of its "
+                                                "lines, e.g. [0.9, 0.05, 0.05] (null = that)")
 
     def __post_init__(self) -> None:
         _choice("data.level", self.level, ["char", "word"])
         if self.train_tokens is not None:
             _check("data.train_tokens", self.train_tokens > 0, "a positive token count or null", self.train_tokens)
+        if self.path is None:
+            for key in ("tokenizer", "vocab_size", "split_fractions"):
+                if getattr(self, key) is not None:
+                    raise UserError(f"config key data.{key} needs data.path (your own corpus): PTB uses "
+                                    "data.level; set data.path or remove data." + key)
+            return
+        if self.ptb_dir is not None:
+            raise UserError("config keys data.path and data.ptb_dir contradict each other: keep one")
+        if self.tokenizer is not None:
+            _choice("data.tokenizer", self.tokenizer, ["char", "word", "sentencepiece"])
+        if self.vocab_size is not None:
+            _check("data.vocab_size", self.vocab_size >= 2, "an integer >= 2 or null", self.vocab_size)
+        elif self.tokenizer == "sentencepiece":
+            raise UserError("config key data.vocab_size is required with data.tokenizer=sentencepiece: "
+                            "set it, e.g. --data.vocab_size 1000")
+        if self.split_fractions is not None:
+            f = self.split_fractions
+            _check("data.split_fractions", len(f) == 3 and all(x > 0 for x in f) and abs(sum(f) - 1) < 1e-6,
+                   "three positive train/valid/test fractions summing to 1", f)
 
 
 @dataclass
@@ -135,6 +164,8 @@ class TrainConfig:
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
     threads: int = _f(0, "torch CPU threads (0 = torch default)")
     progress: bool = _f(True, "show a tqdm progress bar on a terminal")
+    tensorboard: bool = _f(False, "also log each validation to TensorBoard in <run dir>/tensorboard "
+                           "(needs pip install -e .[tensorboard])")
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "bptt", "max_epochs"):
@@ -152,10 +183,13 @@ class EvalConfig:
     batch_size: int = _f(10, "evaluation batch size: streams of len/B tokens; smaller keeps more context "
                          "and drops fewer tail tokens (N mod B), larger is faster")
     bptt: int = _f(100, "evaluation window (hidden state carries across windows, so it only affects speed)")
+    max_tokens: Optional[int] = _f(None, "score only the first N tokens of valid/test (smoke runs); null = all")
 
     def __post_init__(self) -> None:
         _check("eval.batch_size", self.batch_size > 0, "a positive integer", self.batch_size)
         _check("eval.bptt", self.bptt > 0, "a positive integer", self.bptt)
+        if self.max_tokens is not None:
+            _check("eval.max_tokens", self.max_tokens > 1, "an integer > 1 or null", self.max_tokens)
 
 
 @dataclass

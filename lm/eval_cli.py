@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
 from lm.checkpoint import load_checkpoint
 from lm.config import load_config
-from lm.data import load_corpus
+from lm.data.custom import add_text_bpc, load_data
 from lm.errors import UserError
 from lm.evaluation import evaluate
 from lm.metrics import metric_name
@@ -31,32 +33,56 @@ def load_model(path: str, device: str = "auto") -> tuple[LanguageModel, dict]:
     return model.to(resolve_device(device)).eval(), ck
 
 
+def _subcommand(name: str, argv: Sequence[str]) -> int:
+    """``evaluate.py compare ...`` and ``evaluate.py generate ...`` (imported only when used)."""
+    if name == "compare":
+        from lm.compare import main as compare_main
+
+        return compare_main(argv)
+    from lm.generate import main as generate_main
+
+    return generate_main(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a flipout-lm checkpoint on PTB.")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in ("compare", "generate"):
+        return _subcommand(argv[0], argv[1:])
+    p = argparse.ArgumentParser(prog="evaluate.py", description="Evaluate a flipout-lm checkpoint on its data.",
+                                epilog="subcommands: 'evaluate.py compare RUN_DIR... [--out DIR]' tabulates and plots "
+                                "runs; 'evaluate.py generate CHECKPOINT [--tokens N] ...' samples text "
+                                "(each has --help)")
     p.add_argument("checkpoint", help="path to best.pt or last.pt")
     p.add_argument("--split", choices=["valid", "test"], default="test", help="split to score (default: test)")
     p.add_argument("--batch-size", type=int, default=None,
                    help="evaluation streams (default: eval.batch_size of the run, 10 unless changed)")
     p.add_argument("--bptt", type=int, default=None, help="evaluation window (speed only; default: eval.bptt)")
+    p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (smoke runs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
-    if args.batch_size is not None and args.batch_size <= 0:
-        raise UserError(f"--batch-size {args.batch_size} is invalid: expected a positive integer")
+    for flag, value, low in (("--batch-size", args.batch_size, 1), ("--bptt", args.bptt, 1),
+                             ("--max-tokens", args.max_tokens, 2)):
+        if value is not None and value < low:
+            raise UserError(f"{flag} {value} is invalid: expected an integer >= {low}")
     model, ck = load_model(args.checkpoint, args.device)
     cfg = load_config(base=ck["config"])
-    corpus = load_corpus(cfg.data.level, cfg.data.ptb_dir)
+    corpus = load_data(cfg, Path(args.checkpoint).parent)  # PTB, or the run's own corpus and tokenizer
     if corpus.vocab != list(ck["vocab"]):
         raise UserError(f"checkpoint {args.checkpoint} was trained with another vocabulary than this corpus: "
                         "point PTB_DIR/data.ptb_dir at the data it was trained on")
+    data = corpus.split(args.split)[: args.max_tokens] if args.max_tokens else corpus.split(args.split)
     with torch.inference_mode():
-        result = evaluate(model, corpus.split(args.split), corpus.level,
+        result = evaluate(model, data, corpus.level,
                           args.batch_size or cfg.eval.batch_size, args.bptt or cfg.eval.bptt)
+    result = add_text_bpc(result, corpus, args.split)  # own corpora: bits per character of the text
     m = metric_name(corpus.level)
     out = {"checkpoint": args.checkpoint, "split": args.split, "level": corpus.level,
            "batch_size": args.batch_size or cfg.eval.batch_size, **result}
     if args.json:
         print(json.dumps(out))
     else:
-        print(f"{args.split}: loss {result['loss']:.4f} nats/token | {m} {result[m]:.4f} | {result['tokens']} tokens")
+        text = f" | text BPC {result['text_bpc']:.4f}" if "text_bpc" in result else ""
+        print(f"{args.split}: loss {result['loss']:.4f} nats/token | {m} {result[m]:.4f} | {result['tokens']} tokens"
+              + text)
     return 0

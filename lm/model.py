@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lm.config import ModelConfig, RegularizerConfig
+from lm.errors import UserError
 from lm.lstm import LSTMLayer, State
 from lm.regularizers import Regularizer, build_regularizer
 
@@ -44,6 +45,9 @@ class LanguageModel(nn.Module):
             assert self.encoder is not None
             self.decoder.weight = self.encoder.weight
         self.regularizer = regularizer if isinstance(regularizer, Regularizer) else build_regularizer(regularizer)
+        if self.onehot and self.regularizer.cfg.embed_p > 0:
+            raise UserError("config key regularizer.embed_p needs model.input=embedding (one-hot input has no "
+                            "embedding matrix): set it to 0")
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

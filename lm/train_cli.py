@@ -25,6 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the run in --run-dir from its last.pt")
     p.add_argument("--force", action="store_true", help="replace an existing run directory")
     p.add_argument("--list-regularizers", action="store_true", help="print the regularizers and exit")
+    p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
+                   help="train the config once per seed, one after the other, into <run dir>/seed<SEED>; "
+                   "run the same command again to skip finished seeds and resume interrupted ones")
     return p
 
 
@@ -41,6 +44,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_regularizers:
         print(describe())
         return 0
+    if args.seeds:
+        from lm.sweep import run_sweep
+
+        return run_sweep(args, rest, main)
     if args.resume and args.force:
         raise UserError("--resume and --force contradict each other: keep one")
     overrides = parse_overrides(rest)
@@ -59,9 +66,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.force:
             raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it, --force to "
                             "replace it, or --run-dir for a new one")
+    from lm.distributed import session
     from lm.trainer import Trainer  # heavy import after argument checks: fast --help and errors
 
-    trainer = Trainer(cfg, run_dir, resume=args.resume)  # loads data and builds the model: may raise UserError
-    if args.force and run_dir.exists():
-        shutil.rmtree(run_dir)
-    return trainer.fit()
+    with session(cfg.train.device) as dist:  # a torchrun rank joins its process group (docs/workflow.md)
+        trainer = Trainer(cfg, run_dir, resume=args.resume, dist=dist)  # loads data, builds the model: may raise
+        if args.force and run_dir.exists() and dist.is_main:
+            shutil.rmtree(run_dir)
+        return trainer.fit()

@@ -16,6 +16,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -26,14 +27,17 @@ from tqdm import tqdm
 
 from lm.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from lm.config import Config, to_dict
-from lm.data import Corpus, batchify, bptt_windows, load_corpus
+from lm.data import Corpus, batchify
 from lm.data.batching import num_windows
+from lm.data.custom import add_text_bpc, load_data, save_tokenizer
+from lm.distributed import Single, current
 from lm.evaluation import evaluate
+from lm.logging_tb import TensorBoard
 from lm.metrics import from_nats, metric_name
 from lm.model import LanguageModel, count_parameters, detach_state
 from lm.schedule import NonMonotonic
 
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 128  # + signal number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
 EXIT_DIVERGED = 1
 
 
@@ -52,23 +56,37 @@ def make_optimizer(cfg: Config, params, asgd: bool = False) -> torch.optim.Optim
     return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.name == "amsgrad")
 
 
+def log(message: str) -> None:
+    """A line above the progress bar, flushed so that ``nohup``/redirected logs stay current."""
+    tqdm.write(message)
+    sys.stdout.flush()
+
+
 class Diverged(Exception):
     """The training loss became NaN or infinite."""
 
 
 class Trainer:
-    """Train ``cfg`` into ``run_dir`` (fresh, or continued from ``run_dir/last.pt`` with ``resume``)."""
+    """Train ``cfg`` into ``run_dir`` (fresh, or continued from ``run_dir/last.pt`` with ``resume``).
 
-    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, corpus: Corpus | None = None) -> None:
+    ``dist`` (default: :func:`lm.distributed.current`) makes it one rank of a torchrun job.
+    """
+
+    def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, corpus: Corpus | None = None,
+                 dist: Single | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.dist = dist or current()
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
-        self.device = resolve_device(cfg.train.device)
+        self.device = self.dist.device(resolve_device(cfg.train.device))
         torch.manual_seed(cfg.train.seed)
-        self.corpus = corpus or load_corpus(cfg.data.level, cfg.data.ptb_dir, cfg.data.train_tokens)
+        # a resumed run reuses its own tokenizer; rank 0 loads first (it fills caches, trains SentencePiece)
+        self.corpus = corpus or self.dist.main_first(lambda: load_data(cfg, self.run_dir if resume else None),
+                                                     lambda c: c.vocab)
         self.level = self.corpus.level
         self.model = LanguageModel(cfg.model, cfg.regularizer, len(self.corpus.vocab)).to(self.device)
-        self.train_data = batchify(self.corpus.train, cfg.train.batch_size).to(self.device)
+        self.train_data = self.dist.shard(batchify(self.corpus.train, cfg.train.batch_size)).to(self.device)
+        self.net = self.dist.wrap(self.model, self.device)  # the model, or DDP around it
         self.nonmono = NonMonotonic(cfg.optim.nonmono)
         self.asgd = False
         self.optimizer = make_optimizer(cfg, self.model.parameters())
@@ -77,10 +95,12 @@ class Trainer:
         self.best_val, self.best_epoch, self.best_step = math.inf, 0, 0
         self.elapsed, self.tokens_seen = 0.0, 0  # training-step seconds and tokens (for tokens/s)
         self.wall_offset, self._wall_start = 0.0, time.perf_counter()  # wall clock incl. validation
-        self.state = self.model.init_state(cfg.train.batch_size)
+        self.state = self.model.init_state(self.train_data.size(1))
         self.interrupted: int | None = None
         if resume:
             self._restore(load_checkpoint(self.run_dir / "last.pt"))
+        self.dist.seed_noise(cfg.train.seed, self.step)  # no-op in one process
+        self.tb = TensorBoard(self.run_dir / "tensorboard") if cfg.train.tensorboard and self.dist.is_main else None
 
     # -- checkpoints ------------------------------------------------------------------
     def _payload(self, model_state: dict | None = None) -> dict:
@@ -92,7 +112,7 @@ class Trainer:
             "model": model_state or self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
             "asgd": self.asgd, "lr": self.lr, "nonmono": self.nonmono.state_dict(), "rng": rng,
             "epoch": self.epoch, "step": self.step, "pos": self.pos,
-            "hidden": [[h.cpu(), c.cpu()] for h, c in self.state],
+            "hidden": [[h.cpu(), c.cpu()] for h, c in self.dist.gather_state(self.state)],
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_step": self.best_step,
             "bad_validations": self.bad_validations, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
             "wall": self.wall,
@@ -113,16 +133,21 @@ class Trainer:
             setattr(self, key, int(ck[key]))
         self.best_val, self.elapsed = float(ck["best_val"]), float(ck["elapsed"])
         self.wall_offset = float(ck["wall"])
-        self.state = [(h.to(self.device), c.to(self.device)) for h, c in ck["hidden"]]
+        self.state = self.dist.shard_state([(h.to(self.device), c.to(self.device)) for h, c in ck["hidden"]])
 
     @property
     def wall(self) -> float:
         return self.wall_offset + time.perf_counter() - self._wall_start
 
     def save(self, name: str, model_state: dict | None = None) -> None:
-        save_checkpoint(self.run_dir / name, self._payload(model_state))
+        payload = self._payload(model_state)  # on every rank: it gathers the hidden state
+        if self.dist.is_main:
+            save_checkpoint(self.run_dir / name, payload)
 
     def write_config(self) -> None:
+        if not self.dist.is_main:
+            return
+        save_tokenizer(self.corpus, self.run_dir)
         text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
         atomic_write(self.run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
 
@@ -145,11 +170,17 @@ class Trainer:
                 p.data.copy_(value)
 
     # -- validation and schedule ------------------------------------------------------
+    def evaluate(self, split: str) -> dict:
+        """Score the current weights on ``split`` (its first ``eval.max_tokens`` tokens if set)."""
+        e = self.cfg.eval
+        data = self.corpus.split(split)[: e.max_tokens] if e.max_tokens else self.corpus.split(split)
+        return self.dist.from_main(lambda: add_text_bpc(evaluate(self.model, data, self.level, e.batch_size, e.bptt),
+                                                        self.corpus, split))
+
     def validate(self, train_loss: float) -> bool:
         """Evaluate, checkpoint, apply the schedule and early stopping; return True to stop."""
-        e = self.cfg.eval
         with self.averaged_weights():
-            val = evaluate(self.model, self.corpus.valid, self.level, e.batch_size, e.bptt)
+            val = self.evaluate("valid")
             improved = val["loss"] < self.best_val
             if improved:
                 self.best_val, self.best_epoch, self.best_step = val["loss"], self.epoch, self.step
@@ -163,14 +194,21 @@ class Trainer:
                   "lr": self.lr, "train_loss": train_loss, f"train_{m}": from_nats(train_loss, self.level),
                   "valid_loss": val["loss"], f"valid_{m}": val[m],
                   "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "elapsed_s": self.wall,
-                  "best": improved, "event": event}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
-        tqdm.write(f"| epoch {record['epoch']:6.2f} | step {self.step:7d} | lr {self.lr:.3g} | train {m} "
-                   f"{record[f'train_{m}']:8.3f} | valid {m} {val[m]:8.3f} | {record['tokens_per_s']:8.0f} tok/s "
-                   f"| {self.wall:7.0f}s{' *' if improved else ''}{f' [{event}]' if event else ''}")
+                  "best": improved, "event": event, **{f"valid_{k}": val[k] for k in ("text_bpc",) if k in val}}
+        if self.dist.is_main:
+            self._log(record, val, improved, event)
         self.save("last.pt")
         return bool(self.cfg.train.patience) and self.bad_validations >= self.cfg.train.patience
+
+    def _log(self, record: dict, val: dict, improved: bool, event: str) -> None:
+        m = metric_name(self.level)
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.tb is not None:
+            self.tb.log(record, self.step)
+        log(f"| epoch {record['epoch']:6.2f} | step {self.step:7d} | lr {self.lr:.3g} | train {m} "
+                   f"{record[f'train_{m}']:8.3f} | valid {m} {val[m]:8.3f} | {record['tokens_per_s']:8.0f} tok/s "
+                   f"| {self.wall:7.0f}s{' *' if improved else ''}{f' [{event}]' if event else ''}")
 
     def _schedule(self, val_loss: float) -> str:
         o = self.cfg.optim
@@ -196,11 +234,11 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.model.train()
-        logits, state = self.model(x, self.state)
+        logits, state = self.net(x, self.state)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        value = loss.item()
+        value = self.dist.mean(loss.item())  # all ranks see a divergence
         if not math.isfinite(value):
             raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
         if self.cfg.optim.clip:
@@ -219,7 +257,7 @@ class Trainer:
         try:
             return self._fit()
         except Diverged as e:
-            tqdm.write(f"error: {e}; stopped without saving: {self.run_dir}/last.pt and best.pt keep the last good "
+            log(f"error: {e}; stopped without saving: {self.run_dir}/last.pt and best.pt keep the last good "
                        "state (lower optim.lr or set optim.clip)")
             return EXIT_DIVERGED
         finally:
@@ -234,17 +272,18 @@ class Trainer:
         while not stop:
             total = num_windows(self.train_data, t.bptt)
             bar = tqdm(total=total, initial=min(total, self.pos // t.bptt), desc=f"epoch {self.epoch + 1}",
-                       disable=None if t.progress else True, leave=False, dynamic_ncols=True)
-            for row, x, y in bptt_windows(self.train_data, t.bptt, self.pos, t.variable_bptt):
+                       disable=None if t.progress and self.dist.is_main else True, leave=False, dynamic_ncols=True)
+            for row, x, y in self.dist.windows(self.train_data, t.bptt, self.pos, t.variable_bptt):
                 start = time.perf_counter()
                 losses.append(self.train_step(x, y))
                 self.elapsed += time.perf_counter() - start
-                self.tokens_seen += y.numel()
+                self.tokens_seen += y.numel() * self.dist.world
                 self.step += 1
                 self.pos = row + x.size(0)
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}", **{m: f"{from_nats(losses[-1], self.level):.3f}"},
                                 tok_s=f"{self.tokens_seen / max(self.elapsed, 1e-9):.0f}")
+                self.interrupted = self.dist.stop_signal(self.interrupted)
                 if self.interrupted is not None:
                     break
                 capped = t.max_steps is not None and self.step >= t.max_steps
@@ -256,12 +295,13 @@ class Trainer:
             bar.close()
             if self.interrupted is not None:
                 self.save("last.pt")
-                tqdm.write(f"interrupted at step {self.step}; saved {self.run_dir}/last.pt. Resume with: "
-                           f"python train.py --run-dir {self.run_dir} --resume")
-                return EXIT_INTERRUPTED
+                if self.dist.is_main:
+                    log(f"interrupted at step {self.step}; saved {self.run_dir}/last.pt. Resume with: "
+                               f"python train.py --run-dir {self.run_dir} --resume")
+                return EXIT_INTERRUPTED + self.interrupted
             if self.pos >= self.train_data.size(0) - 1:  # epoch complete
                 self.epoch, self.pos = self.epoch + 1, 0
-                self.state = self.model.init_state(t.batch_size)
+                self.state = self.model.init_state(self.train_data.size(1))
                 if not stop and losses and (not t.eval_every_steps or self.epoch >= t.max_epochs):
                     stop = self.validate(sum(losses) / len(losses))
                     losses = []
@@ -271,20 +311,20 @@ class Trainer:
 
     def finish(self) -> dict:
         """Evaluate best.pt on valid and test and write results.json."""
-        best = load_checkpoint(self.run_dir / "best.pt")
-        self.model.load_state_dict(best["model"])
-        e = self.cfg.eval
+        if self.dist.is_main:  # only rank 0 evaluates, and only its file system surely has best.pt
+            self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
         results = {
             "level": self.level, "regularizer": self.cfg.regularizer.name, "seed": self.cfg.train.seed,
             "params": count_parameters(self.model), "epochs": self.epoch + self.pos / max(1, self.train_data.size(0) - 1),
             "steps": self.step, "best_epoch": self.best_epoch, "best_step": self.best_step,
             "train_tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "wall_s": self.wall,
-            "valid": evaluate(self.model, self.corpus.valid, self.level, e.batch_size, e.bptt),
-            "test": evaluate(self.model, self.corpus.test, self.level, e.batch_size, e.bptt),
+            "valid": self.evaluate("valid"), "test": self.evaluate("test"),
         }
+        if not self.dist.is_main:
+            return results
         text = json.dumps(results, indent=2)
         atomic_write(self.run_dir / "results.json", lambda tmp: tmp.write_text(text + "\n"))
         m = metric_name(self.level)
-        tqdm.write(f"best checkpoint (step {self.best_step}): valid {m} {results['valid'][m]:.4f} | "
+        log(f"best checkpoint (step {self.best_step}): valid {m} {results['valid'][m]:.4f} | "
                    f"test {m} {results['test'][m]:.4f} -> {self.run_dir}/results.json")
         return results

@@ -1,0 +1,44 @@
+"""Shared fixtures. Real-PTB tests find the data through $PTB_DIR (CI sets it to ../shared/data/ptb).
+
+Without the data they skip locally, but under CI (``CI=true``) a missing PTB is a failure:
+the real-data tests must never silently skip there.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_DEFAULT_PTB = ROOT.parent / "shared" / "data" / "ptb"
+
+
+def _ptb_dir() -> Path | None:
+    env = os.environ.get("PTB_DIR")
+    if env and Path(env).is_dir():
+        return Path(env)
+    return _DEFAULT_PTB if _DEFAULT_PTB.is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def ptb_dir() -> Path:
+    """The real PTB directory; skip (fail under CI) when it is absent."""
+    path = _ptb_dir()
+    if path is None:
+        if os.environ.get("CI"):
+            pytest.fail("PTB data not found under CI: set PTB_DIR=../shared/data/ptb")
+        pytest.skip("real PTB not available: set PTB_DIR")
+    os.environ["PTB_DIR"] = str(path)
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _isolated_data_root(tmp_path_factory, monkeypatch):
+    """Caches go to one temporary data root per session, never into the repository's data/."""
+    root = tmp_path_factory.getbasetemp() / "lm-data"
+    monkeypatch.setenv("FLIPOUT_LM_DATA", str(root))
+    path = _ptb_dir()
+    if path is not None:
+        monkeypatch.setenv("PTB_DIR", str(path))
