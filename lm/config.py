@@ -43,7 +43,8 @@ def _prob(key: str, value: float) -> None:
 @dataclass
 class DataConfig:
     level: str = _f("char", "tokenization of PTB: 'char' (50 symbols) or 'word' (10k words)")
-    ptb_dir: Optional[str] = _f(None, "PTB directory (else data/ptb, then $PTB_DIR, then download)")
+    ptb_dir: Optional[str] = _f(None, "PTB directory, used when data/ptb holds no prepared copy "
+                                "(default: $PTB_DIR; neither: download)")
     train_tokens: Optional[int] = _f(None, "use only the first N training tokens (reduced-data studies); null = all")
     # Your own corpus (lm/data/custom.py); all null = PTB. See docs/workflow.md.
     path: Optional[str] = _f(None, "your own UTF-8 corpus instead of PTB: a directory with train.txt, valid.txt, "
