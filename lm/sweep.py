@@ -1,0 +1,108 @@
+"""Seed sweeps: ``python train.py --config X --seeds 1 2 3``.
+
+Runs the config once per seed, one after the other, into sibling directories
+``<run dir>/seed<SEED>`` (``<run dir>`` is ``--run-dir`` or ``runs/<config name>``), which
+``evaluate.py compare <run dir>`` aggregates as mean ± std. Running the same command again
+continues the sweep: a seed whose directory has ``results.json`` is skipped, one with
+``last.pt`` is resumed, one without any checkpoint is started afresh; ``--force`` restarts every
+seed. Skipping or resuming a seed whose saved config differs from the requested one
+(apart from runtime-only keys) is an error, so a sweep never mixes two settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+import yaml
+
+from lm.config import load_config, parse_overrides, to_dict
+from lm.errors import UserError
+
+RUNTIME_KEYS = {"train.device", "train.threads", "train.progress", "train.tensorboard"}  # may change on resume
+EXIT_INTERRUPTED_MIN = 128
+
+
+def seed_dir(base: Path, seed: int) -> Path:
+    return Path(base) / f"seed{seed}"
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_differences(saved: dict, wanted: dict) -> list[str]:
+    """Keys whose values differ between two config dicts, runtime-only keys excluded."""
+    a, b = flatten(saved), flatten(wanted)
+    return sorted(k for k in a.keys() | b.keys() if k not in RUNTIME_KEYS and a.get(k) != b.get(k))
+
+
+def plan(config: str, overrides: Sequence[str], base: Path, seeds: Sequence[int],
+         force: bool) -> list[tuple[int, Path, str]]:
+    """``(seed, run dir, action)`` with action 'train', 'resume', 'skip' or 'restart'."""
+    steps = []
+    for seed in seeds:
+        run = seed_dir(base, seed)
+        wanted = to_dict(load_config(config, [*overrides, f"train.seed={seed}"]))
+        if force or not run.is_dir() or not any(run.iterdir()):
+            steps.append((seed, run, "restart" if force and run.is_dir() else "train"))
+            continue
+        if not (run / "last.pt").is_file():  # stopped before its first checkpoint: nothing to keep
+            steps.append((seed, run, "restart"))
+            continue
+        saved = run / "config.yaml"
+        diff = config_differences(yaml.safe_load(saved.read_text()) or {}, wanted) if saved.is_file() else ["all"]
+        if diff:
+            raise UserError(f"{run} was trained with another config (differs in {', '.join(diff[:5])}): rerun with "
+                            "--force to restart every seed, or give another --run-dir")
+        steps.append((seed, run, "skip" if (run / "results.json").is_file() else "resume"))
+    return steps
+
+
+def run_sweep(args: argparse.Namespace, rest: Sequence[str], train_main: Callable[[Sequence[str]], int]) -> int:
+    """Train every seed of ``args.seeds`` with ``train_main`` (train.py's main); return the worst exit code.
+
+    An interrupted seed (exit code >= 128) stops the sweep; a diverged one does not.
+    """
+    if not args.config:
+        raise UserError("--seeds needs --config: pass the config to sweep (the same command resumes the sweep)")
+    if len(set(args.seeds)) != len(args.seeds):
+        raise UserError(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed: give each seed once")
+    overrides = parse_overrides(rest)
+    if any(o.split("=", 1)[0] == "train.seed" for o in overrides):
+        raise UserError("--seeds and --train.seed contradict each other: keep --seeds")
+    if args.resume and args.force:
+        raise UserError("--resume and --force contradict each other: keep one")
+    base = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
+    steps = plan(args.config, overrides, base, args.seeds, args.force)
+    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    say(f"seed sweep into {base}: " + ", ".join(f"seed {s} {a}" for s, _, a in steps))
+
+    from lm.distributed import session  # one process group for the whole sweep under torchrun
+
+    codes = []
+    with session(load_config(args.config, overrides).train.device) as dist:
+        for seed, run, action in steps:
+            if action == "skip":
+                say(f"seed {seed}: {run}/results.json exists, skipped")
+                continue
+            argv = ["--config", args.config, "--run-dir", str(run), *rest, "--train.seed", str(seed)]
+            argv += {"resume": ["--resume"], "restart": ["--force"], "train": []}[action]
+            say(f"seed {seed}: {action} {run}")
+            code = train_main(argv)
+            dist.barrier()
+            if code >= EXIT_INTERRUPTED_MIN:
+                say(f"sweep stopped at seed {seed}; run the same command again to continue it")
+                return code
+            codes.append(code)
+    say(f"seed sweep done: compare with python evaluate.py compare {base}")
+    return max(codes, default=0)
