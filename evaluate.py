@@ -1,5 +1,9 @@
 #!/usr/bin/env python
-"""Evaluate a checkpoint: ``python evaluate.py runs/char_flipout/best.pt --split test``."""
+"""Evaluate a checkpoint: ``python evaluate.py runs/char_flipout/best.pt --split test``.
+
+Also ``python evaluate.py compare RUN_DIR...`` (tables and curves of runs) and
+``python evaluate.py generate CHECKPOINT`` (sample text); see docs/workflow.md.
+"""
 
 import sys
 

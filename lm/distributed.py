@@ -128,7 +128,7 @@ class DDPContext(Single):
 
     def wrap(self, model: nn.Module, device: torch.device) -> nn.Module:
         ids = [device.index] if device.type == "cuda" else None
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, broadcast_buffers=False)
+        return nn.parallel.DistributedDataParallel(model, device_ids=ids)  # the model has no buffers to sync
 
     def seed_noise(self, seed: int, step: int) -> None:
         if self.rank:
