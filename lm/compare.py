@@ -1,8 +1,9 @@
 """``python evaluate.py compare RUN_DIR... [--out DIR]``: tables, learning curves and JSON of runs.
 
 Reads what :mod:`lm.trainer` writes in each run directory (``config.yaml``, ``metrics.jsonl``,
-``results.json``; ``last.pt``/``best.pt`` only for the parameter count of unfinished runs). A
-directory without ``config.yaml`` stands for the run directories inside it (e.g. a seed sweep).
+``results.json``; ``last.pt``/``best.pt`` only for the parameter count of unfinished runs, and
+for the config when ``config.yaml`` is gone). A directory with neither config nor checkpoint
+stands for the run directories inside it (e.g. a seed sweep).
 
 * Finished runs whose configs differ only in ``train.seed`` (and runtime-only keys) form one
   row: mean ± sample standard deviation, with the number of seeds.
@@ -66,20 +67,27 @@ def _natural(p: Path) -> list:
     return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", p.name)]
 
 
+RUN_FILES = ("config.yaml", "last.pt", "best.pt")  # any of them makes a directory a run
+
+
+def _is_run(p: Path) -> bool:
+    return any((p / name).is_file() for name in RUN_FILES)
+
+
 def find_runs(paths: Sequence[str]) -> list[Path]:
-    """Run directories among ``paths``; a directory without config.yaml stands for its run subdirectories."""
+    """Run directories among ``paths``; a directory that is not a run stands for the runs inside it."""
     runs: list[Path] = []
     for name in paths:
         p = Path(name)
         if not p.is_dir():
             raise UserError(f"run directory {p} not found: give directories written by train.py")
-        if (p / "config.yaml").is_file():
+        if _is_run(p):
             runs.append(p)
             continue
-        inner = sorted((q for q in p.iterdir() if (q / "config.yaml").is_file()), key=_natural)
+        inner = sorted((q for q in p.iterdir() if q.is_dir() and _is_run(q)), key=_natural)
         if not inner:
-            raise UserError(f"{p} is not a run directory (no config.yaml) and holds none: give directories "
-                            "written by train.py")
+            raise UserError(f"{p} is not a run directory (no config.yaml nor checkpoint) and holds none: give "
+                            "directories written by train.py")
         runs.extend(inner)
     return list(dict.fromkeys(runs))
 
@@ -92,18 +100,21 @@ def _read_json(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def _params_from_checkpoint(path: Path) -> int | None:
+def _from_checkpoint(path: Path, key: str) -> Any:
+    """``key`` of the run's last.pt (else best.pt), or None."""
     for name in ("last.pt", "best.pt"):
-        try:  # mmap: the count is all we need, not gigabytes of weights
-            return int(torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)["params"])
-        except Exception:
+        try:  # mmap: a count or the config is all we need, not gigabytes of weights
+            return torch.load(path / name, map_location="cpu", weights_only=True, mmap=True)[key]
+        except Exception:  # noqa: BLE001  # missing or damaged: try the other one
             continue
     return None
 
 
 def read_run(path: Path) -> Run:
-    try:
-        raw = yaml.safe_load((path / "config.yaml").read_text()) or {}
+    raw: Any = {}
+    try:  # config.yaml, else the copy every checkpoint holds
+        raw = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else None
+        raw = raw if raw is not None else (_from_checkpoint(path, "config") or {})
         config = to_dict(load_config(base=raw))  # fill keys added since the run was made
     except Exception:  # noqa: BLE001  # an old or newer config still compares on its own keys
         config = raw if isinstance(raw, dict) else {}
@@ -133,7 +144,8 @@ def _values(run: Run) -> dict[str, Any]:
                 "tokens_per_s": r.get("train_tokens_per_s"), "wall_s": r.get("wall_s")}
     vals = [rec[f"valid_{m}"] for rec in run.curve if f"valid_{m}" in rec]
     texts = [rec["valid_text_bpc"] for rec in run.curve if "valid_text_bpc" in rec]
-    return {"params": _params_from_checkpoint(run.path), "epochs": last.get("epoch"),
+    params = _from_checkpoint(run.path, "params")
+    return {"params": int(params) if params is not None else None, "epochs": last.get("epoch"),
             "best_epoch": best[-1].get("epoch") if best else None, "valid": min(vals) if vals else None,
             "test": None, "valid_text_bpc": min(texts) if texts else None, "test_text_bpc": None,
             "tokens_per_s": last.get("tokens_per_s"), "wall_s": last.get("elapsed_s")}

@@ -25,7 +25,7 @@ def fake_run(path: Path, level: str = "char", seed: int = 1, valid: float = 1.5,
                 "tokens_per_s": 1000.0 * seed, "elapsed_s": 60.0 * e, "best": True} for e in (1, 2, 3)]
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records) + '{"epoch": 4, "ste')
     if checkpoint:
-        torch.save({"params": 4242}, path / "last.pt")
+        torch.save({"params": 4242, "config": cfg}, path / "last.pt")
     if done:
         results = {"level": level, "regularizer": "none", "seed": seed, "params": 1000, "epochs": 3.0, "steps": 300,
                    "best_epoch": 3, "best_step": 300, "train_tokens_per_s": 1000.0 * seed, "wall_s": 180.0 + seed,
@@ -69,6 +69,7 @@ def test_seeds_aggregate_and_levels_split(tmp_path, capsys):
 def test_incomplete_runs_are_shown(tmp_path, capsys):
     fake_run(tmp_path / "runs" / "seed1", seed=1)
     fake_run(tmp_path / "runs" / "seed2", seed=2, done=False, checkpoint=True)  # crashed: metrics + last.pt
+    (tmp_path / "runs" / "seed2" / "config.yaml").unlink()  # its config comes from last.pt
     crashed = tmp_path / "early"
     fake_run(crashed, done=False)
     (crashed / "metrics.jsonl").unlink()  # died before the first validation
