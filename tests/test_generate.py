@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 import evaluate as evaluate_script
 import train as train_script
+from lm.errors import UserError
 from tests.textdata import tiny_config, write_config, write_corpus
 from tests.tiny import write_tiny
 
@@ -85,3 +88,17 @@ def test_ptb_word(ptb_dir, tmp_path, capsys):
     assert len(text.split()) + text.count("\n") - 1 == 3 + 10  # words + <eos> newlines (print adds one)
     code, _, err = generate(capsys, run / "last.pt", "--prime", "the Zyzzyva said")
     assert code == 2 and "'Zyzzyva'" in err
+
+
+def test_ptb_char_codec_round_trip():
+    """PTB char spells words with '_' between them: the prime is cut that way and joined back."""
+    from lm.config import load_config
+    from lm.generate import Codec
+
+    vocab = list("abcehst_") + ["<eos>"]
+    codec = Codec(load_config(base={"data": {"level": "char"}}), vocab, Path("."))
+    ids = codec.encode("the  cat\nsat")
+    assert [vocab[i] for i in ids] == [*"the_cat", "<eos>", *"sat"]  # runs of spaces are one boundary
+    assert codec.decode(ids) == "the cat\nsat"
+    with pytest.raises(UserError, match=r"1 symbol\(s\) not in the model's 9-symbol vocabulary: 'T'"):
+        codec.encode("The")
