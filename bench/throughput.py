@@ -1,0 +1,377 @@
+#!/usr/bin/env python
+"""Training and evaluation throughput and peak memory of every regularizer against ``nn.LSTM``.
+
+For each size (the paper's, App. D.1) and each regularizer, a :class:`lm.model.LanguageModel`
+is timed side by side, in the same process, with a plain ``torch.nn.LSTM`` language model of the
+same size (same embedding/one-hot input, layers, decoder and optimizer):
+
+* ``char``: 1x1000 LSTM, one-hot input, vocabulary 50, batch 32, window 100, AMSGrad;
+* ``word``: 2x650 LSTM, 650-d embeddings, vocabulary 10,000, batch 40, window 35, SGD, clip 0.25.
+
+What is measured (random tokens; speed does not depend on the data):
+
+* training: one optimizer step as in :meth:`lm.trainer.Trainer.train_step` -- forward,
+  cross-entropy, backward, gradient clipping, optimizer step; the hidden state is carried
+  (detached) from step to step. Reported as tokens/s (``T * B`` per step).
+* evaluation: one forward window under ``torch.no_grad()`` in eval mode, same ``T`` and ``B``.
+* peak memory (``peak_mem_mb``): the largest amount of tensor memory allocated *during* one
+  training step on top of what is live at its start (parameters, optimizer state, the carried
+  state and the batch): activations saved for backward, gradients and temporaries. On CUDA it is
+  ``torch.cuda.max_memory_allocated() - memory_allocated()`` at the step's start; on CPU it is the
+  same quantity rebuilt from the allocation events of ``torch.profiler`` (``profile_memory=True``;
+  the running sum of allocated minus freed bytes, maximised over the step). Process RSS is not
+  used: it never goes down and includes the allocator's caches.
+
+Robust ratios on a noisy machine: after warm-up, every round times each regularizer between two
+timings of the reference (R, A, R, B, R, ...; the order of the regularizers rotates from round to
+round); a regularizer's ratio in a round is the mean of its two neighbouring reference times
+divided by its own time, and the reported ratio is the median over rounds. Tokens/s are medians
+of the individual timings.
+
+Usage::
+
+    python bench/throughput.py --threads 2                        # both sizes, all regularizers
+    python bench/throughput.py --quick --sizes char --only variational,wd_flipout
+    python bench/throughput.py --device cuda --json runs/throughput_cuda.json
+    python bench/throughput.py --tiny --json /tmp/t.json          # seconds (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lm.config import ModelConfig, RegularizerConfig  # noqa: E402
+from lm.model import LanguageModel, detach_state  # noqa: E402
+
+REFERENCE = "nn_lstm"
+
+
+@dataclass(frozen=True)
+class Size:
+    """One benchmark size: model shape, data shape and optimizer (the paper's, App. D.1)."""
+
+    name: str
+    model: ModelConfig
+    vocab: int
+    batch: int
+    bptt: int
+    optim: str  # 'amsgrad' or 'sgd'
+    lr: float
+    clip: float
+
+
+SIZES = {
+    "char": Size("char", ModelConfig(input="onehot", hidden_size=1000, num_layers=1, init="orthogonal"),
+                 vocab=50, batch=32, bptt=100, optim="amsgrad", lr=0.002, clip=1.0),
+    "word": Size("word", ModelConfig(input="embedding", emb_size=650, hidden_size=650, num_layers=2),
+                 vocab=10_000, batch=40, bptt=35, optim="sgd", lr=1.0, clip=0.25),
+}
+TINY = {
+    "char": Size("char", ModelConfig(input="onehot", hidden_size=24, num_layers=1, init="orthogonal"),
+                 vocab=20, batch=4, bptt=12, optim="amsgrad", lr=0.002, clip=1.0),
+    "word": Size("word", ModelConfig(input="embedding", emb_size=16, hidden_size=16, num_layers=2),
+                 vocab=100, batch=4, bptt=8, optim="sgd", lr=1.0, clip=0.25),
+}
+
+
+def regularizers(size: str) -> dict[str, RegularizerConfig]:
+    """The regularizers at the paper's rates (Sec. 4.2, App. D.1); speed does not depend on a rate
+    as long as it is non-zero. Word-level zoneout uses the paper's word rates (0.25 / 0.025)."""
+    io = dict(input_p=0.25, output_p=0.25, between_p=0.25 if size == "word" else 0.0)
+    zc, zh = (0.5, 0.05) if size == "char" else (0.25, 0.025)
+    R = RegularizerConfig
+    return {
+        "none": R(name="none"),
+        "dropout": R(name="dropout", **io),
+        "variational_nohidden": R(name="variational", **io),
+        "variational": R(name="variational", hidden_p=0.25, **io),
+        "semeniuta": R(name="semeniuta", cell_p=0.25),
+        "zoneout": R(name="zoneout", zoneout_c=zc, zoneout_h=zh),
+        "weight_drop": R(name="weight_drop", weight_p=0.5),
+        "gauss": R(name="gauss", sigma=1.0),
+        "wd_flipout": R(name="wd_flipout", weight_p=0.5),
+        "gauss_flipout": R(name="gauss_flipout", sigma=1.0),
+    }
+
+
+class NNLSTMModel(nn.Module):
+    """The reference: one multi-layer ``torch.nn.LSTM`` between the same input and decoder."""
+
+    def __init__(self, cfg: ModelConfig, vocab: int) -> None:
+        super().__init__()
+        self.vocab = vocab
+        self.encoder = None if cfg.input == "onehot" else nn.Embedding(vocab, cfg.emb_size)
+        in_size = vocab if self.encoder is None else cfg.emb_size
+        self.rnn = nn.LSTM(in_size, cfg.hidden_size, cfg.num_layers)
+        self.decoder = nn.Linear(cfg.hidden_size, vocab)
+        self.layers, self.hidden = cfg.num_layers, cfg.hidden_size
+
+    def init_state(self, batch: int):
+        zeros = self.decoder.weight.new_zeros(self.layers, batch, self.hidden)
+        return zeros, zeros.clone()
+
+    def forward(self, tokens: torch.Tensor, state):
+        if self.encoder is None:
+            x = F.one_hot(tokens, self.vocab).to(self.decoder.weight.dtype)
+        else:
+            x = self.encoder(tokens)
+        out, state = self.rnn(x, state)
+        return self.decoder(out), state
+
+
+class Runner:
+    """A model with its optimizer, a fixed random batch and a carried hidden state."""
+
+    def __init__(self, model: nn.Module, size: Size, device: torch.device, data: torch.Tensor) -> None:
+        self.model = model.to(device)
+        self.size, self.device = size, device
+        params = list(self.model.parameters())
+        if size.optim == "sgd":
+            self.optimizer = torch.optim.SGD(params, lr=size.lr)
+        else:
+            self.optimizer = torch.optim.Adam(params, lr=size.lr, amsgrad=True)
+        self.x, self.y = data[:-1], data[1:]
+        self.state = self.model.init_state(size.batch)
+        self.tokens = self.y.numel()
+
+    def _detach(self, state):
+        return tuple(s.detach() for s in state) if isinstance(self.model, NNLSTMModel) else detach_state(state)
+
+    def train_step(self) -> None:
+        """As :meth:`lm.trainer.Trainer.train_step`: forward, loss, backward, clip, step."""
+        self.model.train()
+        logits, state = self.model(self.x, self.state)
+        loss = F.cross_entropy(logits.flatten(0, 1), self.y.flatten())
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.size.clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.size.clip)
+        self.optimizer.step()
+        self.state = self._detach(state)
+
+    @torch.no_grad()
+    def eval_step(self) -> None:
+        self.model.eval()
+        _, state = self.model(self.x, self.state)
+        self.state = self._detach(state)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], None], device: torch.device) -> float:
+    _sync(device)
+    start = time.perf_counter()
+    fn()
+    _sync(device)
+    return time.perf_counter() - start
+
+
+@contextlib.contextmanager
+def _profiler_quiet():
+    """The profiler's C++ side prints start/stop lines on file descriptor 2; drop those, keep the rest."""
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except OSError:  # no real stderr (e.g. captured): nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile(mode="w+b") as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            noise = (b"USDT:", b"STAGE:", b"Memory block of unknown size")
+            for line in tmp.read().splitlines():
+                if not any(n in line for n in noise):
+                    sys.stderr.write(line.decode(errors="replace") + "\n")
+
+
+def peak_step_memory(fn: Callable[[], None], device: torch.device) -> float:
+    """Peak tensor memory (MiB) allocated during ``fn`` above the level at its start (see the module doc)."""
+    if device.type == "cuda":
+        _sync(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        base = torch.cuda.memory_allocated(device)
+        fn()
+        _sync(device)
+        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    from torch.profiler import ProfilerActivity, profile
+    try:
+        with _profiler_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            fn()
+        events = [e for e in prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
+    except (AttributeError, RuntimeError):  # private profiler API moved: report no number
+        return math.nan
+    level = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        level += e.nbytes()
+        peak = max(peak, level)
+    return peak / 2**20
+
+
+def build_runners(size: Size, names: Sequence[str], device: torch.device) -> dict[str, Runner]:
+    torch.manual_seed(0)
+    data = torch.randint(0, size.vocab, (size.bptt + 1, size.batch), device=device)
+    runners = {REFERENCE: Runner(NNLSTMModel(size.model, size.vocab), size, device, data)}
+    regs = regularizers(size.name)
+    for name in names:
+        runners[name] = Runner(LanguageModel(size.model, regs[name], size.vocab), size, device, data)
+    return runners
+
+
+def kernel_of(runner: Runner) -> str:
+    """'fused' (nn.LSTM's kernel) or 'window' (the explicit recurrence) for training windows."""
+    model = runner.model
+    if isinstance(model, NNLSTMModel):
+        return "nn.LSTM"
+    model.train()
+    layer = model.layers[0]
+    return "fused" if model.regularizer.layer_noise(layer, runner.size.batch, runner.size.bptt).fused else "window"
+
+
+def interleaved(runners: dict[str, Runner], step: str, rounds: int, device: torch.device) -> dict[str, dict]:
+    """Time ``step`` ('train_step' or 'eval_step') in rounds R, A, R, B, ..., R (see the module doc)."""
+    names = [n for n in runners if n != REFERENCE]
+    ref = getattr(runners[REFERENCE], step)
+    times: dict[str, list[float]] = {n: [] for n in runners}
+    ratios: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds):
+        k = r % max(1, len(names))
+        order = names[k:] + names[:k]
+        before = timed(ref, device)
+        times[REFERENCE].append(before)
+        for name in order:
+            t = timed(getattr(runners[name], step), device)
+            after = timed(ref, device)
+            times[name].append(t)
+            times[REFERENCE].append(after)
+            ratios[name].append((before + after) / 2 / t)
+            before = after
+    out = {REFERENCE: {"time": statistics.median(times[REFERENCE]), "ratio": 1.0}}
+    for name in names:
+        out[name] = {"time": statistics.median(times[name]), "ratio": statistics.median(ratios[name])}
+    return out
+
+
+def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int, warmup: int,
+            log: Callable[[str], None]) -> list[dict]:
+    runners = build_runners(size, names, device)
+    log(f"[{size.name}] warm-up ({warmup} train + eval steps per model)")
+    for runner in runners.values():
+        for _ in range(warmup):
+            runner.train_step()
+            runner.eval_step()
+    log(f"[{size.name}] timing training ({rounds} rounds)")
+    train = interleaved(runners, "train_step", rounds, device)
+    log(f"[{size.name}] timing evaluation ({rounds} rounds)")
+    evals = interleaved(runners, "eval_step", rounds, device)
+    log(f"[{size.name}] peak memory")
+    records = []
+    for name, runner in runners.items():
+        tokens = runner.tokens
+        records.append({
+            "name": name, "size": size.name, "device": str(device), "kernel": kernel_of(runner),
+            "train_tokens_per_s": tokens / train[name]["time"], "eval_tokens_per_s": tokens / evals[name]["time"],
+            "ratio_vs_nn_lstm": train[name]["ratio"], "eval_ratio_vs_nn_lstm": evals[name]["ratio"],
+            "peak_mem_mb": peak_step_memory(runner.train_step, device),
+            "threads": torch.get_num_threads(), "rounds": rounds,
+        })
+    ref_mem = records[0]["peak_mem_mb"]
+    for rec in records:
+        rec["mem_ratio_vs_nn_lstm"] = rec["peak_mem_mb"] / ref_mem if ref_mem else math.nan
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    head = ("| size | regularizer | kernel | train tok/s | train ratio | eval tok/s | eval ratio "
+            "| peak MiB | mem ratio |")
+    lines = [head, "|" + "---|" * 9]
+    for r in records:
+        lines.append(f"| {r['size']} | {r['name']} | {r['kernel']} | {r['train_tokens_per_s']:,.0f} "
+                     f"| {r['ratio_vs_nn_lstm']:.2f} | {r['eval_tokens_per_s']:,.0f} | {r['eval_ratio_vs_nn_lstm']:.2f} "
+                     f"| {r['peak_mem_mb']:.1f} | {r['mem_ratio_vs_nn_lstm']:.2f} |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where to run (default cpu)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--quick", action="store_true", help="fewer rounds (3) and warm-up steps (1); sizes unchanged")
+    p.add_argument("--tiny", action="store_true", help="tiny models and 2 rounds: a smoke test in seconds")
+    p.add_argument("--rounds", type=int, default=None, help="timing rounds (default 7; 3 with --quick)")
+    p.add_argument("--sizes", default="char,word", help="comma-separated subset of: char, word")
+    p.add_argument("--only", default="", help="comma-separated regularizer names (default: all); "
+                   f"choices: {', '.join(regularizers('char'))}")
+    p.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
+    args = p.parse_args(argv)
+    sizes = [s for s in args.sizes.split(",") if s]
+    bad = [s for s in sizes if s not in SIZES]
+    if bad or not sizes:
+        p.error(f"--sizes: unknown size(s) {', '.join(bad) or '(none)'}; choose from {', '.join(SIZES)}")
+    names = [n for n in args.only.split(",") if n] or list(regularizers("char"))
+    bad = [n for n in names if n not in regularizers("char")]
+    if bad:
+        p.error(f"--only: unknown regularizer(s) {', '.join(bad)}; choose from {', '.join(regularizers('char'))}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        p.error("--device cuda: CUDA is not available here")
+    args.size_list, args.names = sizes, names
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        return _run(args)
+    finally:
+        torch.set_num_threads(threads)  # main() may be called in-process (tests)
+
+
+def _run(args: argparse.Namespace) -> int:
+    device = torch.device(args.device)
+    rounds = args.rounds or (2 if args.tiny else 3 if args.quick else 7)
+    warmup = 1 if (args.quick or args.tiny) else 2
+    table = TINY if args.tiny else SIZES
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)  # noqa: E731
+    log(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, device {device}, "
+        f"{torch.get_num_threads()} threads")
+    records = []
+    for size in args.size_list:
+        records += measure(table[size], args.names, device, rounds, warmup, log)
+    print(format_table(records))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

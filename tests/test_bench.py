@@ -1,0 +1,51 @@
+"""bench/throughput.py runs end to end on tiny sizes and writes the documented JSON records."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+KEYS = {"name", "size", "device", "train_tokens_per_s", "eval_tokens_per_s", "ratio_vs_nn_lstm", "peak_mem_mb"}
+
+
+@pytest.fixture(scope="module")
+def throughput():
+    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "bench" / "throughput.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    yield module
+    sys.modules.pop(spec.name, None)
+
+
+def test_tiny_run_writes_json(throughput, tmp_path, capsys):
+    out = tmp_path / "t.json"
+    names = ["none", "variational", "zoneout", "wd_flipout"]
+    code = throughput.main(["--tiny", "--threads", "1", "--rounds", "1", "--only", ",".join(names),
+                            "--json", str(out)])
+    assert code == 0
+    records = json.loads(out.read_text())
+    assert {(r["size"], r["name"]) for r in records} == {(s, n) for s in ("char", "word")
+                                                         for n in ["nn_lstm", *names]}
+    for r in records:
+        assert KEYS <= set(r), r
+        assert r["device"] == "cpu"
+        assert r["train_tokens_per_s"] > 0 and r["eval_tokens_per_s"] > 0 and r["ratio_vs_nn_lstm"] > 0
+        assert r["peak_mem_mb"] > 0 or math.isnan(r["peak_mem_mb"])
+    kernels = {r["name"]: r["kernel"] for r in records}
+    assert kernels["none"] == "fused" and kernels["variational"] == "window"
+    table = capsys.readouterr().out
+    assert "| char | wd_flipout | window |" in table
+
+
+def test_unknown_names_are_rejected(throughput):
+    with pytest.raises(SystemExit):
+        throughput.main(["--tiny", "--only", "no_such_regularizer"])
+    with pytest.raises(SystemExit):
+        throughput.main(["--tiny", "--sizes", "byte"])
