@@ -10,12 +10,12 @@ appearance, then ``<eos>`` if it has not appeared.
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from lm.checkpoint import atomic_write
 from lm.data.ptb import SPLITS, data_root, find_ptb
 from lm.errors import UserError
 
@@ -76,13 +76,20 @@ def _cache_path(level: str, digests: dict[str, str]) -> Path:
     return data_root() / "cache" / f"ptb-{level}-{key}-v{CACHE_VERSION}.pt"
 
 
-def _save_cache(path: Path, payload: dict) -> None:
+def load_cache(path: Path) -> dict | None:
+    """A cached payload, or None when absent or damaged (a damaged cache is rebuilt, never fatal)."""
+    if not path.is_file():
+        return None
+    try:
+        return torch.load(path, weights_only=True)
+    except Exception:
+        return None
+
+
+def save_cache(path: Path, payload: dict) -> None:
     """Best effort: a read-only data root just means no cache."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save(payload, tmp)
-        os.replace(tmp, path)
+        atomic_write(path, lambda tmp: torch.save(payload, tmp))
     except OSError:
         pass
 
@@ -97,18 +104,13 @@ def load_corpus(level: str, ptb_dir: str | None = None, train_tokens: int | None
     """
     paths, digests = find_ptb(level, ptb_dir)
     cache = _cache_path(level, digests)
-    payload = None
-    if cache.is_file():
-        try:
-            payload = torch.load(cache, weights_only=True)
-        except Exception:  # a damaged cache is rebuilt, never fatal
-            payload = None
+    payload = load_cache(cache)
     if payload is None:
         toks = {s: tokenize(paths[s]) for s in SPLITS}
         vocab = build_vocab(toks["train"])
         index = {w: i for i, w in enumerate(vocab)}
         payload = {"vocab": vocab, **{s: encode(toks[s], index, paths[s]).to(torch.int32) for s in SPLITS}}
-        _save_cache(cache, payload)
+        save_cache(cache, payload)
     splits = {s: payload[s].long() for s in SPLITS}
     if train_tokens is not None:
         splits["train"] = splits["train"][:train_tokens]

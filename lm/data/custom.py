@@ -32,7 +32,7 @@ import torch
 
 from lm.checkpoint import atomic_write
 from lm.config import Config, DataConfig
-from lm.data.corpus import Corpus, _save_cache, load_corpus
+from lm.data.corpus import Corpus, load_cache, load_corpus, save_cache
 from lm.data.ptb import SPLITS, data_root
 from lm.data.tokenizers import (SentencePiece, build_vocab, char_tokens, encode_symbols, read_text, split_lines,
                                 word_tokens)
@@ -143,12 +143,7 @@ def load_text_corpus(d: DataConfig, run_dir: str | Path | None = None) -> TextCo
         digests = digests + [hashlib.sha256(sp.model).hexdigest()]
     key_src = json.dumps({"v": CACHE_VERSION, "tok": tok, "cap": d.vocab_size, "files": digests})
     cache = data_root() / "cache" / f"text-{tok}-{hashlib.sha256(key_src.encode()).hexdigest()[:16]}.pt"
-    payload = None
-    if cache.is_file():
-        try:
-            payload = torch.load(cache, weights_only=True)
-        except Exception:  # a damaged cache is rebuilt, never fatal
-            payload = None
+    payload = load_cache(cache)
     if payload is None:
         lines = {s: split_lines(texts[s]) for s in SPLITS}
         if sp is not None:
@@ -159,7 +154,7 @@ def load_text_corpus(d: DataConfig, run_dir: str | Path | None = None) -> TextCo
             vocab = build_vocab(tokens["train"], d.vocab_size)
             ids = {s: encode_symbols(tokens[s], vocab) for s in SPLITS}
         payload = {"vocab": vocab, **{s: torch.tensor(ids[s], dtype=torch.int32) for s in SPLITS}}
-        _save_cache(cache, payload)
+        save_cache(cache, payload)
     splits = {s: payload[s].long() for s in SPLITS}
     split_tokens = {s: splits[s].numel() for s in SPLITS}
     if d.train_tokens is not None:
