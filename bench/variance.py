@@ -1,0 +1,512 @@
+#!/usr/bin/env python
+"""Variance of the stochastic gradient of W_hh against mini-batch size: shared perturbation vs flipout.
+
+Reproduces the LSTM panel of Wen et al. 2018 (arXiv 1803.04386), Sec. 4.1 / App. C / Fig. 1c on
+the real Penn Treebank. A briefly trained LSTM language model (trained here with the project's
+:class:`lm.trainer.Trainer`, or loaded with ``--checkpoint``) is frozen; for mini-batch sizes
+``N = 1, 2, 4, ..., max_n`` we draw many stochastic gradients of the first layer's ``W_hh`` and
+estimate, per element, their variance over repetitions, averaged over the elements of each gate
+block (PyTorch order i, f, g, o) and over the whole matrix. Four estimators, all through the
+model's own regularizers in training mode with every other dropout rate at zero:
+
+* ``gauss`` / ``gauss_flipout``: multiplicative Gaussian ``W(1 + σε)``, σ = 1 (paper Sec. 4.1);
+* ``weight_drop`` / ``wd_flipout``: DropConnect p = 0.5 (paper Sec. 4.2 "WD" / "WD+Flipout").
+
+Theory (paper Thm 2): Var = α/N + (N-1)/N (β+γ) with a shared perturbation, α/N + (N-1)/N γ with
+flipout, and α ≫ β ≫ γ, so flipout should fall like 1/N (log-log slope -1) while shared
+perturbation flattens at β+γ.
+
+What one repetition is (``--data-mode``):
+
+* ``fixed`` (default): the same ``max_n`` random windows of ``--bptt`` tokens in every
+  repetition; only the weight perturbation (and flipout's signs) is redrawn. This is the variance
+  over the weight noise given the mini-batch, the part of the estimator flipout acts on. With
+  independent per-example perturbations it is exactly (mean per-example noise variance)/N.
+* ``resample``: fresh windows *and* fresh noise every repetition; the variance then also holds
+  the data sampling, as α, β, γ of Thm 2 do. The paper's text does not say which of the two its
+  App. C estimator used. On PTB the per-window gradients are heavy-tailed (a rare window can give
+  a squared gradient norm >200x the median, even at the mean weights), so this mode needs many
+  more repetitions; the JSON's ``n1_grad_norm_sq.largest_share`` says how much one repetition
+  weighs.
+
+Efficiency: the gradients for all N come from one repetition. The ``max_n`` windows are run in
+blocks of sizes 1, 1, 2, 4, ..., max_n/2 (split further into ``--chunk``-sized pieces), all under
+the *same* base perturbation ``ΔŴ`` (frozen for the repetition); flipout draws fresh sign vectors
+per example as in training. The running sum after the blocks covering the first N windows is N
+times the mini-batch-N gradient. So the estimates for different N within one repetition are
+nested (correlated across N), but each N's marginal is exactly that of an N-example batch; the
+paper's App. C likewise splits large batches into sub-batches that share ΔŴ with independent signs.
+
+Intervals: the ``--reps`` repetitions are split into ``--groups`` groups; each group gives an
+unbiased per-element variance estimate averaged over the gate; the reported value is the mean of
+the group values and the interval a two-sided 90% Student-t interval over them (the paper repeats
+its 200-repetition estimate 50 times and uses a t-test).
+
+Usage::
+
+    PTB_DIR=../shared/data/ptb python bench/variance.py --quick --out runs/variance
+    python bench/variance.py --checkpoint runs/variance/train/best.pt --data-mode resample --out runs/variance_rs
+    python bench/variance.py --tiny --out /tmp/v        # seconds, synthetic data (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import io
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Iterator, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from lm.config import RegularizerConfig, load_config, to_dict
+from lm.data import Corpus, load_corpus
+from lm.errors import UserError, run_cli
+from lm.eval_cli import load_model
+from lm.metrics import metric_name
+from lm.model import LanguageModel, count_parameters
+from lm.regularizers import Regularizer, build_regularizer
+from lm.trainer import Trainer
+
+GATES = ("i", "f", "g", "o")  # PyTorch's row blocks of W_hh
+
+# name -> (family, perturbation, regularizer options); the flipout twin uses the same ΔŴ law.
+SCHEMES: dict[str, tuple[str, str, dict]] = {
+    "gauss": ("gauss", "shared", {"sigma": 1.0}),
+    "gauss_flipout": ("gauss", "flipout", {"sigma": 1.0}),
+    "weight_drop": ("dropconnect", "shared", {"weight_p": 0.5}),
+    "wd_flipout": ("dropconnect", "flipout", {"weight_p": 0.5}),
+}
+FAMILY_TITLE = {"gauss": "mult. Gaussian σ = 1", "dropconnect": "DropConnect p = 0.5"}
+
+# Presets fill every option the user did not give. 'full' is the default (hours on 2 CPU cores).
+PRESETS: dict[str, dict] = {
+    "full": dict(level="char", hidden=256, layers=None, bptt=100, train_steps=1000, reps=200, groups=10,
+                 max_n=256, chunk=128, threads=0, eval_tokens=None),
+    # quick: one thread, because torch's two spinning threads slow down ~10x on a shared machine
+    "quick": dict(level="char", hidden=256, layers=None, bptt=50, train_steps=300, reps=48, groups=6,
+                  max_n=256, chunk=128, threads=1, eval_tokens=100_000),
+    "tiny": dict(level="char", hidden=8, layers=None, bptt=6, train_steps=3, reps=8, groups=4,
+                 max_n=8, chunk=4, threads=1, eval_tokens=None),  # one thread: no spin-wait cost on a busy machine
+}
+
+# t_{0.95, df} for df = 1..30 (two-sided 90% intervals).
+_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761,
+        1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701,
+        1.699, 1.697)
+
+
+def t95(df: int) -> float:
+    """Upper 5% point of Student's t with ``df`` degrees of freedom (table, then Cornish-Fisher)."""
+    if df < 1:
+        return math.nan
+    if df <= len(_T95):
+        return _T95[df - 1]
+    z = 1.6448536269514722
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+# -- the model -----------------------------------------------------------------------------
+def synthetic_corpus(seed: int) -> Corpus:
+    """A few thousand random 'characters' for ``--tiny`` (no PTB needed)."""
+    g = torch.Generator().manual_seed(seed)
+    vocab = [chr(ord("a") + i) for i in range(11)] + ["<eos>"]
+    draw = lambda n: torch.randint(0, len(vocab), (n,), generator=g)  # noqa: E731
+    return Corpus(level="char", vocab=vocab, train=draw(4000), valid=draw(600), test=draw(600))
+
+
+def train_config(args: argparse.Namespace) -> dict:
+    """Config (as a dict for :func:`lm.config.load_config`) of the briefly trained model."""
+    if args.level == "char":  # the paper's char setting (App. D.1), smaller
+        model = {"input": "onehot", "hidden_size": args.hidden, "num_layers": args.layers or 1, "init": "orthogonal"}
+        optim = {"name": "amsgrad", "lr": 0.004, "clip": 1.0}
+        train = {"batch_size": 32, "bptt": 100}
+    else:  # the paper's word setting (Sec. 4.2), smaller
+        model = {"input": "embedding", "emb_size": args.hidden, "hidden_size": args.hidden,
+                 "num_layers": args.layers or 2}
+        optim = {"name": "sgd", "lr": 20.0, "clip": 0.25}
+        train = {"batch_size": 20, "bptt": 35}
+    reg = {"name": args.train_regularizer}
+    reg.update({"gauss": {"sigma": 1.0}, "weight_drop": {"weight_p": 0.5}}.get(args.train_regularizer, {}))
+    if args.tiny:
+        train = {"batch_size": 4, "bptt": 8}
+    train.update(seed=args.seed, threads=args.threads, max_steps=args.train_steps, max_epochs=1000,
+                 eval_every_steps=0, progress=False, device="cpu")
+    return {"data": {"level": args.level}, "model": model, "regularizer": reg, "optim": optim, "train": train,
+            "eval": {"batch_size": 4 if args.tiny else 128, "bptt": 100, "max_tokens": args.eval_tokens}}
+
+
+def get_model(args: argparse.Namespace, out: Path) -> tuple[LanguageModel, Corpus, dict]:
+    """Load ``--checkpoint`` or train a model for ``--train-steps``; return it with its corpus and a summary."""
+    if args.checkpoint:
+        model, ck = load_model(args.checkpoint, "cpu")
+        cfg = load_config(base=ck["config"])
+        corpus = load_corpus(cfg.data.level, cfg.data.ptb_dir)
+        if corpus.vocab != list(ck["vocab"]):
+            raise UserError(f"checkpoint {args.checkpoint} was trained with another vocabulary than this corpus: "
+                            "point PTB_DIR at the data it was trained on")
+        args.level = cfg.data.level
+        return model, corpus, {"source": str(args.checkpoint), "config": to_dict(cfg), "steps": ck.get("step"),
+                               "params": count_parameters(model)}
+    cfg = load_config(base=train_config(args))
+    corpus = synthetic_corpus(args.seed) if args.tiny else load_corpus(args.level)
+    t0 = time.perf_counter()
+    trainer = Trainer(cfg, out / "train", corpus=corpus)
+    if trainer.fit() != 0:
+        raise RuntimeError("training the model to freeze failed (see the message above)")
+    results = json.loads((out / "train" / "results.json").read_text())
+    m = metric_name(corpus.level)
+    return trainer.model, corpus, {
+        "source": "trained", "run_dir": str(out / "train"), "config": to_dict(cfg), "steps": results["steps"],
+        "params": results["params"], f"valid_{m}": results["valid"][m], f"test_{m}": results["test"][m],
+        "train_s": time.perf_counter() - t0}
+
+
+# -- the measurement -----------------------------------------------------------------------
+@contextlib.contextmanager
+def frozen_base_perturbation(reg: Regularizer) -> Iterator[Callable[[], None]]:
+    """Hold the regularizer's base perturbation ``ΔŴ`` fixed until the yielded ``redraw()`` is called.
+
+    All four schemes draw ``ΔŴ = W ∘ ξ`` with ``ξ`` independent of ``W`` (checked by
+    :func:`check_multiplicative`), so we draw ``ξ = base_perturbation(1)`` once per weight and
+    return ``W ∘ ξ``: gradients still flow through ``W`` as in training. Flipout signs are not
+    frozen: :class:`lm.flipout.Flip` draws new ones on every forward call.
+    """
+    draw = type(reg).base_perturbation
+    xis: dict[int, torch.Tensor] = {}
+
+    def frozen(weight: torch.Tensor) -> torch.Tensor:
+        if id(weight) not in xis:
+            xis[id(weight)] = draw(reg, torch.ones_like(weight)).detach()
+        return weight * xis[id(weight)]
+
+    reg.base_perturbation = frozen  # type: ignore[method-assign]
+    try:
+        yield xis.clear
+    finally:
+        del reg.base_perturbation
+
+
+def check_multiplicative(reg: Regularizer, shape: tuple[int, int]) -> None:
+    """Fail loudly if ``base_perturbation(W)`` is not ``W ∘ base_perturbation(1)`` for the same draw."""
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    state = torch.get_rng_state()
+    a = type(reg).base_perturbation(reg, w)
+    torch.set_rng_state(state)
+    b = w * type(reg).base_perturbation(reg, torch.ones_like(w))
+    if a is None or not torch.allclose(a, b, atol=1e-6):
+        raise RuntimeError(f"regularizer {reg.name!r}: base perturbation is not multiplicative; "
+                           "frozen_base_perturbation would change its distribution")
+
+
+def batch_sizes(max_n: int) -> list[int]:
+    """``1, 2, 4, ...`` below ``max_n``, then ``max_n``."""
+    ns = [1 << k for k in range(max_n.bit_length()) if (1 << k) < max_n]
+    return ns + [max_n]
+
+
+def window_sampler(data: torch.Tensor, bptt: int, count: int, seed: int, fixed: bool
+                   ) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+    """``rep -> (x, y)`` of shape ``(bptt, count)``: ``count`` random windows of the split.
+
+    Each window starts at a uniform position and begins with a zero state. With ``fixed`` every
+    repetition gets the same windows; otherwise repetition ``rep`` gets its own (the same for
+    every scheme, so the schemes are compared on common data).
+    """
+    if data.numel() < bptt + 2:
+        raise UserError(f"split has {data.numel()} tokens, too few for windows of {bptt}")
+    offsets = torch.arange(bptt + 1)[:, None]
+
+    def sample(rep: int) -> tuple[torch.Tensor, torch.Tensor]:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + (0 if fixed else rep + 1))
+        starts = torch.randint(0, data.numel() - bptt - 1, (count,), generator=g)
+        seq = data[starts[None, :] + offsets]
+        return seq[:-1], seq[1:]
+
+    return sample
+
+
+def block_gradient(model: LanguageModel, weight: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Sum over the block's windows of the gradient of each window's mean token loss, w.r.t. ``weight``."""
+    logits, _ = model(x, model.init_state(x.size(1)))
+    nll = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="none").view_as(y)
+    (grad,) = torch.autograd.grad(nll.mean(0).sum(), weight)
+    return grad
+
+
+def measure(model: LanguageModel, scheme: str, sampler: Callable, ns: list[int], reps: int, groups: int,
+            chunk: int, layer: int, seed: int, log: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray]:
+    """Group estimates of the gradient variance of ``W_hh`` of ``layer`` (1-based).
+
+    Returns:
+        ``(groups, len(ns), 5)``: per group and N, the per-element variance averaged over the
+        gates i, f, g, o and (last column) over the whole matrix; and ``(reps,)``: the squared
+        Frobenius norm of each repetition's N = 1 gradient (to detect heavy tails).
+    """
+    _, _, options = SCHEMES[scheme]
+    reg = build_regularizer(RegularizerConfig(name=scheme, **options))
+    check_multiplicative(reg, (8, 4))
+    model.regularizer = reg
+    model.train()
+    weight = model.layers[layer - 1].weight_hh
+    hidden = model.layers[layer - 1].hidden_size
+    per = reps // groups
+    out = np.zeros((groups, len(ns), len(GATES) + 1))
+    n1_sq = np.zeros(groups * per)
+    torch.manual_seed(seed)
+    t0 = time.perf_counter()
+    with frozen_base_perturbation(reg) as redraw:
+        for g in range(groups):
+            s1 = torch.zeros((len(ns), *weight.shape), dtype=torch.float64)
+            s2 = torch.zeros_like(s1)
+            for r in range(per):
+                x, y = sampler(g * per + r)
+                redraw()
+                total = torch.zeros(weight.shape, dtype=torch.float64)
+                start = 0
+                for k, n in enumerate(ns):
+                    for a in range(start, n, chunk):
+                        b = min(n, a + chunk)
+                        total += block_gradient(model, weight, x[:, a:b], y[:, a:b]).double()
+                    start = n
+                    est = total / n
+                    if k == 0:
+                        n1_sq[g * per + r] = float(est.pow(2).sum())
+                    s1[k] += est
+                    s2[k] += est * est
+            var = ((s2 - s1 * s1 / per) / (per - 1)).clamp_min_(0)
+            out[g, :, :4] = var.view(len(ns), 4, hidden, -1).mean((2, 3)).numpy()
+            out[g, :, 4] = var.mean((1, 2)).numpy()
+            log(f"  {scheme}: group {g + 1}/{groups} done, {time.perf_counter() - t0:.0f}s")
+    model.regularizer = build_regularizer(RegularizerConfig())
+    return out, n1_sq
+
+
+# -- statistics ----------------------------------------------------------------------------
+def fit(ns: Sequence[int], v: Sequence[float]) -> dict:
+    """Log-log slopes (all N; the upper half of the N range) and ``a + b/N`` by relative least squares."""
+    n, v = np.asarray(ns, float), np.asarray(v, float)
+    slope = float(np.polyfit(np.log(n), np.log(v), 1)[0]) if len(n) > 1 else math.nan
+    half = len(n) // 2
+    tail = float(np.polyfit(np.log(n[half:]), np.log(v[half:]), 1)[0]) if len(n) - half > 1 else math.nan
+    design = np.stack([1 / v, 1 / (n * v)], 1)  # minimise sum(((a + b/N) / v - 1)^2)
+    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(v), rcond=None)
+    return {"slope": slope, "slope_upper_half": tail, "a": float(a), "b": float(b),
+            "crossover_n": float(b / a) if a > 0 else None}
+
+
+def summarize(ns: list[int], groups: np.ndarray, column: int) -> dict:
+    """Mean over groups, 90% t-interval, and the fit, for one gate column."""
+    vals = groups[:, :, column]
+    mean = vals.mean(0)
+    k = vals.shape[0]
+    half = t95(k - 1) * vals.std(0, ddof=1) / math.sqrt(k) if k > 1 else np.full_like(mean, math.nan)
+    return {"variance": mean.tolist(), "ci_low": (mean - half).tolist(), "ci_high": (mean + half).tolist(),
+            **fit(ns, mean)}
+
+
+def tail_summary(sq: np.ndarray) -> dict:
+    """Median, max and the largest single repetition's share of the squared N = 1 gradient norms."""
+    return {"median": float(np.median(sq)), "max": float(sq.max()), "largest_share": float(sq.max() / sq.sum()),
+            "largest_rep": int(sq.argmax())}
+
+
+def t_stat_equal(x: np.ndarray, y: np.ndarray) -> float:
+    """Welch t statistic of the difference of two sets of group estimates."""
+    se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
+    return float((x.mean() - y.mean()) / se) if se > 0 else math.nan
+
+
+# -- output --------------------------------------------------------------------------------
+def plot(result: dict, path: Path) -> None:
+    """Log-log panels: one row per perturbation family, one column per gate (and the whole matrix)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ns = np.asarray(result["ns"], float)
+    families = [f for f in FAMILY_TITLE if any(s["family"] == f for s in result["schemes"].values())]
+    cols = [*GATES, "all"]
+    fig, axes = plt.subplots(len(families), len(cols), figsize=(3.1 * len(cols), 3.0 * len(families) + 0.6),
+                             squeeze=False, sharex=True)
+    style = {"shared": dict(color="tab:red", marker="o"), "flipout": dict(color="tab:blue", marker="s")}
+    for row, family in enumerate(families):
+        members = {s["perturbation"]: s for s in result["schemes"].values() if s["family"] == family}
+        for col, gate in enumerate(cols):
+            ax = axes[row][col]
+            first = []
+            for kind, s in members.items():
+                d = s if gate == "all" else s["gates"][gate]
+                v = np.asarray(d["variance"])
+                low = np.maximum(np.asarray(d["ci_low"]), v / 20)  # a negative lower end cannot be drawn in log
+                err = np.stack([v - low, np.asarray(d["ci_high"]) - v]).clip(min=0)
+                ax.errorbar(ns, v, yerr=err, ms=4, lw=1.2, capsize=2, **style[kind],
+                            label=f"{kind} (slope {d['slope']:.2f})")
+                first.append(v[0])
+            ax.plot(ns, np.mean(first) / ns, "k--", lw=0.9, label="ideal α/N")
+            ax.set_xscale("log", base=2)
+            ax.set_yscale("log")
+            ax.set_title(f"{FAMILY_TITLE[family]}: {'W_hh' if gate == 'all' else 'gate ' + gate}", fontsize=9)
+            ax.grid(True, which="major", alpha=0.3)
+            ax.tick_params(labelsize=8)
+            ax.legend(fontsize=7, loc="lower left")
+            if row == len(families) - 1:
+                ax.set_xlabel("mini-batch size N", fontsize=9)
+            if col == 0:
+                ax.set_ylabel("gradient variance", fontsize=9)
+    c = result["config"]
+    fig.suptitle(f"Var of ∂L/∂W_hh (layer {c['layer']}), {c['level']}-level PTB, H={result['model']['hidden']}, "
+                 f"T={c['bptt']}, data {c['data_mode']}, {c['reps']} reps, 90% t-CI over {c['groups']} groups",
+                 fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=80)
+    plt.close(fig)
+    from PIL import Image  # matplotlib's own dependency; a 64-colour palette keeps the file small
+    Image.open(buf).convert("RGB").quantize(colors=64).save(path, optimize=True)
+
+
+def print_table(result: dict) -> None:
+    ns = result["ns"]
+    print(f"\n{'scheme':15s} " + " ".join(f"N={n:<8d}" for n in ns) + "  slope  a          b")
+    for name, s in result["schemes"].items():
+        print(f"{name:15s} " + " ".join(f"{v:<10.3e}" for v in s["variance"])
+              + f"  {s['slope']:5.2f}  {s['a']:<10.3e} {s['b']:.3e}")
+
+
+# -- CLI -----------------------------------------------------------------------------------
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="bench/variance.py", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true",
+                      help="small preset (char, H=256, T=50, 300 training steps, 48 reps, 1 thread): < 10 min on "
+                           "2 CPU cores; without a preset: H=256, T=100, 1000 steps, 200 reps")
+    mode.add_argument("--tiny", action="store_true", help="seconds, synthetic data, tiny model (for tests)")
+    p.add_argument("--level", choices=["char", "word"], help="PTB tokenization of the trained model (default char)")
+    p.add_argument("--checkpoint", help="measure this best.pt/last.pt instead of training a model")
+    p.add_argument("--hidden", type=int, help="LSTM units (and word embedding size) of the trained model")
+    p.add_argument("--layers", type=int, help="LSTM layers of the trained model (default 1 char, 2 word)")
+    p.add_argument("--train-steps", type=int, help="optimizer steps to train the model before freezing it")
+    p.add_argument("--train-regularizer", choices=["none", "gauss", "weight_drop"], default=None,
+                   help="regularizer while training the model (default gauss σ=1 for char, weight_drop 0.5 for word)")
+    p.add_argument("--eval-tokens", type=int, help="score the trained model on only the first N valid/test tokens")
+    p.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma list out of {', '.join(SCHEMES)}")
+    p.add_argument("--data-mode", choices=["fixed", "resample"], default="fixed",
+                   help="fixed: the same windows every repetition, variance over the weight noise only (default); "
+                        "resample: new windows and noise every repetition (Thm 2's estimator; heavy-tailed)")
+    p.add_argument("--split", choices=["train", "valid", "test"], default="train", help="split the windows come from")
+    p.add_argument("--bptt", type=int, help="tokens per window (sequence length T)")
+    p.add_argument("--max-n", type=int, help="largest mini-batch size (N = 1, 2, 4, ..., max-n)")
+    p.add_argument("--reps", type=int, help="repetitions (gradient draws) per scheme")
+    p.add_argument("--groups", type=int, help="groups the repetitions are split into for the 90%% t-interval")
+    p.add_argument("--chunk", type=int, help="largest block run in one forward/backward")
+    p.add_argument("--layer", type=int, default=1, help="LSTM layer whose W_hh is measured (1-based)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (0 = torch default)")
+    p.add_argument("--seed", type=int, default=1, help="seed of training, data windows and noise")
+    p.add_argument("--out", default="runs/variance", help="output directory (trained model, JSON, PNG)")
+    p.add_argument("--json", help="JSON result path (default OUT/variance.json)")
+    p.add_argument("--plot", help="PNG path (default OUT/variance.png)")
+    args = p.parse_args(argv)
+    preset = PRESETS["tiny" if args.tiny else "quick" if args.quick else "full"]
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    if args.train_regularizer is None:
+        args.train_regularizer = "gauss" if args.level == "char" else "weight_drop"
+    for key in ("hidden", "train_steps", "bptt", "max_n", "reps", "groups", "chunk", "layer"):
+        if getattr(args, key) <= 0:
+            raise UserError(f"--{key.replace('_', '-')} {getattr(args, key)} is invalid: expected a positive integer")
+    if args.threads < 0:
+        raise UserError(f"--threads {args.threads} is invalid: expected 0 (torch default) or a positive count")
+    if args.groups < 2 or args.reps < 2 * args.groups:
+        raise UserError(f"--reps {args.reps} --groups {args.groups}: need at least 2 groups of at least 2 repetitions")
+    args.schemes = [s.strip() for s in args.schemes.split(",") if s.strip()]
+    unknown = [s for s in args.schemes if s not in SCHEMES]
+    if unknown or not args.schemes:
+        raise UserError(f"--schemes {','.join(unknown) or '(empty)'}: expected names out of {', '.join(SCHEMES)}")
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    model, corpus, model_info = get_model(args, out)
+    model = model.cpu()
+    if not 1 <= args.layer <= len(model.layers):
+        raise UserError(f"--layer {args.layer} is invalid: the model has {len(model.layers)} LSTM layers")
+    for p in model.parameters():  # frozen: only the gradient of W_hh is taken
+        p.requires_grad_(p is model.layers[args.layer - 1].weight_hh)
+    model_info["hidden"] = model.layers[args.layer - 1].hidden_size
+    ns = batch_sizes(args.max_n)
+    reps = args.reps - args.reps % args.groups
+    sampler = window_sampler(corpus.split(args.split), args.bptt, args.max_n, args.seed, args.data_mode == "fixed")
+    print(f"measuring {', '.join(args.schemes)} for N = {ns}: {reps} reps in {args.groups} groups, "
+          f"windows of {args.bptt} {args.level}s from {args.split} ({args.data_mode})", flush=True)
+    raw, schemes = {}, {}
+    for i, name in enumerate(args.schemes):
+        t0 = time.perf_counter()
+        raw[name], n1_sq = measure(model, name, sampler, ns, reps, args.groups, args.chunk, args.layer,
+                                   seed=args.seed * 7919 + i + 1, log=lambda s: print(s, flush=True))
+        family, kind, options = SCHEMES[name]
+        tail = tail_summary(n1_sq)
+        if tail["largest_share"] > 0.5:
+            print(f"  warning: one repetition ({tail['largest_rep']}) holds {tail['largest_share']:.0%} of the "
+                  f"summed squared N=1 gradient norms: the gradients are heavy-tailed and the estimates are "
+                  f"dominated by it (more --reps, or --data-mode fixed)", flush=True)
+        schemes[name] = {"family": family, "perturbation": kind, "regularizer": {"name": name, **options},
+                         **summarize(ns, raw[name], len(GATES)),
+                         "gates": {g: summarize(ns, raw[name], j) for j, g in enumerate(GATES)},
+                         "group_values": raw[name][:, :, len(GATES)].tolist(), "n1_grad_norm_sq": tail,
+                         "seconds": time.perf_counter() - t0}
+    comparison = {}
+    for family in FAMILY_TITLE:
+        pair = {SCHEMES[s][1]: s for s in args.schemes if SCHEMES[s][0] == family}
+        if len(pair) == 2:
+            sh, fl = raw[pair["shared"]][:, :, 4], raw[pair["flipout"]][:, :, 4]
+            comparison[family] = {"shared_over_flipout": (sh.mean(0) / fl.mean(0)).tolist(),
+                                  "t_stat_n1": t_stat_equal(sh[:, 0], fl[:, 0])}
+    result = {
+        "experiment": "variance of the stochastic gradient of W_hh vs mini-batch size (Wen et al. 2018, "
+                      "Sec. 4.1 / App. C)",
+        "argv": list(sys.argv[1:] if argv is None else argv),
+        "config": {"level": args.level, "data_mode": args.data_mode, "split": args.split, "bptt": args.bptt,
+                   "max_n": args.max_n, "reps": reps, "groups": args.groups, "chunk": args.chunk,
+                   "layer": args.layer, "seed": args.seed, "tiny": args.tiny, "quick": args.quick,
+                   "interval": f"two-sided 90% Student-t over {args.groups} group estimates of "
+                               f"{reps // args.groups} repetitions each",
+                   "fit": "slope: least squares of log var on log N; a, b: var ≈ a + b/N by least squares "
+                          "of relative residuals"},
+        "model": model_info,
+        "ns": ns,
+        "gates": list(GATES),
+        "schemes": schemes,
+        "comparison": comparison,
+        "runtime_s": time.perf_counter() - t_start,
+        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+                    "processor": platform.processor() or platform.machine()},
+    }
+    json_path = Path(args.json) if args.json else out / "variance.json"
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1) + "\n")
+    plot_path = Path(args.plot) if args.plot else out / "variance.png"
+    plot(result, plot_path)
+    print_table(result)
+    print(f"\nwrote {json_path} and {plot_path} in {result['runtime_s']:.0f}s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
