@@ -12,6 +12,7 @@ import itertools
 import pytest
 import torch
 
+from lm import lstm
 from lm.config import RegularizerConfig
 from lm.flipout import Flip, flipout_linear
 from lm.lstm import LSTMLayer, RecurrentNoise, WindowDraws, draw_window, lstm_window, reference_loop
@@ -78,6 +79,34 @@ def test_kernel_matches_reference_float32(hidden, flip, cell, zone):
     fast, ref = run(lstm_window, inputs, draws), run(reference_loop, inputs, draws)
     for name, a, b in zip(NAMES, fast, ref):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.mark.parametrize("parts", [1, 4])
+@pytest.mark.parametrize("hidden,flip,cell,zone", [(True, "per_window", True, "masks"),
+                                                   (False, "none", False, "off"),
+                                                   (True, "none", True, "expectation"),
+                                                   (False, "per_step", False, "h only")])
+def test_every_matmul_split_matches_reference(monkeypatch, parts, hidden, flip, cell, zone):
+    """The per-step matmuls split into 1 or 4 blocks (CPU default: 2, covered above)."""
+    monkeypatch.setattr(lstm, "GEMM_PARTS", parts)
+    inputs, draws = make_case(hidden, flip, cell, zone)
+    fast, ref = run(lstm_window, inputs, draws), run(reference_loop, inputs, draws)
+    for name, a, b in zip(NAMES, fast, ref):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-8, msg=lambda m: f"{name}: {m}")
+
+
+def test_thread_setting_is_restored():
+    """The kernel runs its element-wise ops on one thread and must hand back the caller's setting."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        inputs, draws = make_case(True, "per_window", False, "masks")
+        out, (_, c) = lstm_window(inputs[0], (inputs[1], inputs[2]), inputs[3], draws)
+        assert torch.get_num_threads() == 2
+        (out.sum() + c.sum()).backward()
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("zone", ["off", "masks", "expectation"])
