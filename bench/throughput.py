@@ -28,6 +28,16 @@ round); a regularizer's ratio in a round is the mean of its two neighbouring ref
 divided by its own time, and the reported ratio is the median over rounds. Tokens/s are medians
 of the individual timings.
 
+Regularizer rates (:func:`regularizers`): the paper's -- variational ``hidden_p`` 0.25, semeniuta
+``cell_p`` 0.25, zoneout 0.5/0.05 (char) and 0.25/0.025 (word), DropConnect 0.5, Gaussian σ = 1;
+input/output (and, for word, between-layer) dropout 0.25 for ``dropout`` and both ``variational``
+rows; ``variational_nohidden`` has no recurrent mask and so runs on the fused kernel.
+
+JSON (``--json``): a list with one record per size and model (``nn_lstm`` is the reference):
+``name, size, device, kernel`` ('nn.LSTM', 'fused' or 'window', for training), ``train_tokens_per_s,
+eval_tokens_per_s, ratio_vs_nn_lstm`` (training), ``eval_ratio_vs_nn_lstm, peak_mem_mb,
+mem_ratio_vs_nn_lstm, threads, rounds``.
+
 Usage::
 
     python bench/throughput.py --threads 2                        # both sizes, all regularizers
@@ -48,7 +58,7 @@ import statistics
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
