@@ -36,7 +36,10 @@ rows; ``variational_nohidden`` has no recurrent mask and so runs on the fused ke
 JSON (``--json``): a list with one record per size and model (``nn_lstm`` is the reference):
 ``name, size, device, kernel`` ('nn.LSTM', 'fused' or 'window', for training), ``train_tokens_per_s,
 eval_tokens_per_s, ratio_vs_nn_lstm`` (training), ``eval_ratio_vs_nn_lstm, peak_mem_mb,
-mem_ratio_vs_nn_lstm, threads, rounds``.
+mem_ratio_vs_nn_lstm, threads, rounds, train_ratios`` (every round's training ratio) and
+``loadavg`` (the machine's 1/5/15-minute load averages after the timings, this run's own threads
+included: on a shared machine
+other processes' load slows nn.LSTM more than the window kernel, so compare runs at similar load).
 
 Usage::
 
@@ -281,9 +284,10 @@ def interleaved(runners: dict[str, Runner], step: str, rounds: int, device: torc
             times[REFERENCE].append(after)
             ratios[name].append((before + after) / 2 / t)
             before = after
-    out = {REFERENCE: {"time": statistics.median(times[REFERENCE]), "ratio": 1.0}}
+    out = {REFERENCE: {"time": statistics.median(times[REFERENCE]), "ratio": 1.0, "ratios": [1.0]}}
     for name in names:
-        out[name] = {"time": statistics.median(times[name]), "ratio": statistics.median(ratios[name])}
+        out[name] = {"time": statistics.median(times[name]), "ratio": statistics.median(ratios[name]),
+                     "ratios": ratios[name]}
     return out
 
 
@@ -300,6 +304,7 @@ def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int,
     log(f"[{size.name}] timing evaluation ({rounds} rounds)")
     evals = interleaved(runners, "eval_step", rounds, device)
     log(f"[{size.name}] peak memory")
+    load = list(os.getloadavg())  # 1, 5, 15-minute load averages after the timings
     records = []
     for name, runner in runners.items():
         tokens = runner.tokens
@@ -309,6 +314,7 @@ def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int,
             "ratio_vs_nn_lstm": train[name]["ratio"], "eval_ratio_vs_nn_lstm": evals[name]["ratio"],
             "peak_mem_mb": peak_step_memory(runner.train_step, device),
             "threads": torch.get_num_threads(), "rounds": rounds,
+            "train_ratios": train[name]["ratios"], "loadavg": load,
         })
     ref_mem = records[0]["peak_mem_mb"]
     for rec in records:
@@ -317,13 +323,15 @@ def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int,
 
 
 def format_table(records: list[dict]) -> str:
-    head = ("| size | regularizer | kernel | train tok/s | train ratio | eval tok/s | eval ratio "
+    """Markdown table; 'train ratio' is the median over rounds with the rounds' range in brackets."""
+    head = ("| size | regularizer | kernel | train tok/s | train ratio (range) | eval tok/s | eval ratio "
             "| peak MiB | mem ratio |")
     lines = [head, "|" + "---|" * 9]
     for r in records:
+        lo, hi = min(r["train_ratios"]), max(r["train_ratios"])
         lines.append(f"| {r['size']} | {r['name']} | {r['kernel']} | {r['train_tokens_per_s']:,.0f} "
-                     f"| {r['ratio_vs_nn_lstm']:.2f} | {r['eval_tokens_per_s']:,.0f} | {r['eval_ratio_vs_nn_lstm']:.2f} "
-                     f"| {r['peak_mem_mb']:.1f} | {r['mem_ratio_vs_nn_lstm']:.2f} |")
+                     f"| {r['ratio_vs_nn_lstm']:.2f} ({lo:.2f}-{hi:.2f}) | {r['eval_tokens_per_s']:,.0f} "
+                     f"| {r['eval_ratio_vs_nn_lstm']:.2f} | {r['peak_mem_mb']:.1f} | {r['mem_ratio_vs_nn_lstm']:.2f} |")
     return "\n".join(lines)
 
 
