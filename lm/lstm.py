@@ -201,11 +201,13 @@ class _Threads:
     The loop's element-wise ops touch ``(B, H)``-sized tensors; as parallel regions they save
     microseconds on an idle machine but wait for a descheduled thread (milliseconds) on a busy one.
     ``with _Threads(device) as th:`` makes torch single-threaded; ``th.many()`` / ``th.one()``
-    bracket each matmul. The caller's setting is restored on exit. No-op off CPU or with 1 thread.
+    bracket each matmul. The caller's setting is restored on exit. No-op off CPU, with 1 thread, or
+    without OpenMP (PyTorch's native thread pool cannot be resized once started).
     """
 
     def __init__(self, device: torch.device) -> None:
-        self.n = torch.get_num_threads() if device.type == "cpu" else 1
+        cpu_omp = device.type == "cpu" and torch.backends.openmp.is_available()
+        self.n = torch.get_num_threads() if cpu_omp else 1
 
     def __enter__(self) -> "_Threads":
         self.one()
