@@ -1,4 +1,4 @@
-"""The window kernel (lm.lstm.lstm_window) against the plain autograd loop (lm.lstm.reference_loop).
+"""The window kernel (lm.lstm_kernel.lstm_window) against the plain autograd loop (lm.lstm.reference_loop).
 
 Every combination of the recurrence's noise hooks: hidden mask, flipout on W_hh (signs per window
 or per step), cell-update masks, zoneout masks (training) or expectations (evaluation). Outputs,
@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from lm import lstm
+from lm import lstm_kernel
 from lm.config import RegularizerConfig
 from lm.flipout import Flip, flipout_linear
 from lm.lstm import LSTMLayer, RecurrentNoise, WindowDraws, draw_window, lstm_window, reference_loop
@@ -88,7 +88,7 @@ def test_kernel_matches_reference_float32(hidden, flip, cell, zone):
                                                    (False, "per_step", False, "h only")])
 def test_every_matmul_split_matches_reference(monkeypatch, parts, hidden, flip, cell, zone):
     """The per-step matmuls split into 1 or 4 blocks (CPU default: 2, covered above)."""
-    monkeypatch.setattr(lstm, "GEMM_PARTS", parts)
+    monkeypatch.setattr(lstm_kernel, "GEMM_PARTS", parts)
     inputs, draws = make_case(hidden, flip, cell, zone)
     fast, ref = run(lstm_window, inputs, draws), run(reference_loop, inputs, draws)
     for name, a, b in zip(NAMES, fast, ref):

@@ -1,0 +1,370 @@
+"""The window kernel: one autograd Function for a whole BPTT window of the LSTM recurrence.
+
+:func:`lstm_window` computes exactly what :func:`lm.lstm.reference_loop` computes (same arguments:
+the window's input projection, the state, ``W_hh`` and the :class:`lm.lstm.WindowDraws`), with a
+hand-written backward. Shapes: ``xproj`` ``(T, B, 4H)``, state ``(h, c)`` each ``(B, H)``,
+``W_hh`` ``(4H, H)``; outputs ``(T, B, H)``.
+
+Why a hand-written backward: autograd of a step loop differentiates every step separately,
+so it computes one ``(4H, H)`` gradient of ``W_hh`` (and of ``ΔŴ``) per step and adds them up;
+that is T large outer products and T passes over a ``4H x H`` buffer. The window kernel
+(:class:`_LSTMWindow`) instead
+
+* computes ``dW_hh = Σ_t dgatesᵀ h̃_{t-1}`` and ``dΔŴ = Σ_t (dgates ∘ r)ᵀ (h̃_{t-1} ∘ s)`` as one
+  matmul each over the window;
+* writes, during the forward step, the element-wise derivative factors of the four gates into
+  one ``(T, B, 4H)`` buffer (plus ``(T, B, 2H)``), which backward turns into the gate gradients
+  in place: memory stays linear in T and below nn.LSTM's, and the backward step is a handful
+  of element-wise ops and one matmul;
+* leaves per step only the unavoidable matmuls (forward ``h̃ W_hhᵀ``, backward ``dgates W_hh``;
+  with flipout the ``ΔŴ`` products ride in the same ``torch.bmm``) and element-wise ops into
+  preallocated buffers. On CPU the small per-step matmuls are split into two independent blocks
+  of one ``bmm`` and the element-wise ops run on one thread (:class:`_Threads`), which keeps a
+  loaded machine from stalling every op on a descheduled thread.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:  # only for annotations: lm.lstm imports this module
+    from lm.flipout import Flip
+    from lm.lstm import State, WindowDraws
+
+def _flip_parts(flip: Flip | None):
+    if flip is None:
+        return None, None, None
+    return flip.delta, flip.sign_in, flip.sign_out
+
+
+def _steps(x, steps: int) -> list:
+    """Per-step views of a per-step tensor ``(T, ...)``; a per-window tensor, a float or None repeated."""
+    if isinstance(x, torch.Tensor) and x.dim() == 3:
+        return list(x.unbind(0))
+    return [x] * steps
+
+
+GEMM_PARTS: int | None = None
+"""Independent blocks the per-step matmuls are split into (1, 2 or 4); None picks :func:`_gemm_parts`."""
+
+
+def _gemm_parts(w: torch.Tensor) -> int:
+    """2 on CPU, 1 elsewhere. The per-step matmuls are small (``B`` rows); split into two
+    column (forward) or row (backward) blocks and run as one ``torch.bmm``, each thread computes
+    a whole block instead of all threads synchronising inside every small GEMM. On 2 busy cores
+    that halves their time; on one thread it costs nothing (measured in docs/performance_throughput.md)."""
+    if GEMM_PARTS is not None:
+        return GEMM_PARTS
+    return 2 if w.device.type == "cpu" else 1
+
+
+class _Threads:
+    """CPU threading of the loop: its element-wise ops on one thread, its matmuls on all.
+
+    The loop's element-wise ops touch ``(B, H)``-sized tensors; as parallel regions they save
+    microseconds on an idle machine but wait for a descheduled thread (milliseconds) on a busy one.
+    ``with _Threads(device) as th:`` makes torch single-threaded; ``th.many()`` / ``th.one()``
+    bracket each matmul. The caller's setting is restored on exit. No-op off CPU, with 1 thread, or
+    without OpenMP (PyTorch's native thread pool cannot be resized once started).
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        cpu_omp = device.type == "cpu" and torch.backends.openmp.is_available()
+        self.n = torch.get_num_threads() if cpu_omp else 1
+
+    def __enter__(self) -> "_Threads":
+        self.one()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.many()
+
+    def many(self) -> None:
+        if self.n > 1:
+            torch.set_num_threads(self.n)
+
+    def one(self) -> None:
+        if self.n > 1:
+            torch.set_num_threads(1)
+
+
+class _GateMatmul:
+    """Per step, the gate pre-activations ``x̂_t + h̃ W_hhᵀ + ((h̃ ∘ s) ΔŴᵀ) ∘ r`` in a reused buffer.
+
+    Layouts: with flipout, one ``bmm`` of ``[h̃, h̃ ∘ s]`` by ``stacked = [W_hh, ΔŴ]`` transposed;
+    without, ``parts`` column blocks of ``W_hhᵀ`` (views). :attr:`gates` are the four ``(B, H)``
+    gate views [i, f, g, o], :attr:`if_block` i and f as one view.
+    """
+
+    def __init__(self, w: torch.Tensor, stacked: torch.Tensor | None, batch: int, parts: int,
+                 threads: _Threads) -> None:
+        h4, hid = w.shape
+        self.parts, self.flip, self.threads = parts, stacked is not None, threads
+        if self.flip:
+            self.weights = stacked.transpose(1, 2)  # (2, H, 4H)
+            self.prod = w.new_empty(2, batch, h4)
+            buf = w.new_empty(batch, h4)
+        elif parts > 1:
+            self.weights = w.view(parts, h4 // parts, hid).transpose(1, 2)  # (P, H, 4H/P)
+            buf = w.new_empty(parts, batch, h4 // parts)
+        else:
+            self.w_t = w.t()
+            buf = w.new_empty(batch, h4)
+        self.buf = buf
+        if buf.dim() == 2 or parts == 1:
+            v = buf.view(batch, 4, hid)
+            self.gates = v.unbind(1)
+            self.if_block = v[:, :2]
+        else:
+            v = buf.view(parts, batch, 4 // parts, hid)
+            self.gates = tuple(v[j // (4 // parts), :, j % (4 // parts)] for j in range(4))
+            self.if_block = v[0] if parts == 2 else v[:2, :, 0]
+
+    def __call__(self, xt: torch.Tensor, left: torch.Tensor, r: torch.Tensor | None) -> None:
+        """``left``: ``h̃`` ``(B, H)``, or ``[h̃, h̃ ∘ s]`` ``(2, B, H)`` with flipout."""
+        self.threads.many()
+        if self.flip:
+            torch.bmm(left, self.weights, out=self.prod)
+        elif self.parts > 1:
+            torch.bmm(left.expand(self.parts, *left.shape), self.weights, out=self.buf)
+        else:
+            torch.addmm(xt, left, self.w_t, out=self.buf)
+        self.threads.one()
+        if self.flip:
+            torch.add(xt, self.prod[0], out=self.buf).addcmul_(self.prod[1], r)
+        elif self.parts > 1:
+            self.buf.add_(xt.view(left.size(0), self.parts, -1).transpose(0, 1))
+
+
+class _HiddenGrad:
+    """Per step, ``dh̃ = dgates W_hh + ((dgates ∘ r) ΔŴ) ∘ s`` (flipout: one ``bmm`` by the stacked
+    ``[W_hh, ΔŴ]``; else ``parts`` row blocks of ``W_hh`` whose partial products are summed)."""
+
+    def __init__(self, w: torch.Tensor, stacked: torch.Tensor | None, batch: int, parts: int,
+                 threads: _Threads) -> None:
+        h4, hid = w.shape
+        self.w, self.stacked, self.parts, self.threads = w, stacked, parts, threads
+        self.out = w.new_empty(batch, hid)
+        if stacked is not None:
+            self.left = w.new_empty(2, batch, h4)
+            self.prod = w.new_empty(2, batch, hid)
+        elif parts > 1:
+            self.blocks = w.view(parts, h4 // parts, hid)
+            self.prod = w.new_empty(parts, batch, hid)
+
+    def __call__(self, dgt: torch.Tensor, r: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor:
+        if self.stacked is not None:
+            self.left[0].copy_(dgt)
+            torch.mul(dgt, r, out=self.left[1])
+        self.threads.many()
+        if self.stacked is not None:
+            torch.bmm(self.left, self.stacked, out=self.prod)
+        elif self.parts > 1:
+            torch.bmm(dgt.view(dgt.size(0), self.parts, -1).transpose(0, 1), self.blocks, out=self.prod)
+        else:
+            torch.mm(dgt, self.w, out=self.out)
+        self.threads.one()
+        if self.stacked is not None:
+            return torch.addcmul(self.prod[0], self.prod[1], s, out=self.out)
+        if self.parts > 1:
+            return torch.sum(self.prod, 0, out=self.out)
+        return self.out
+
+    def addmm(self, base: torch.Tensor, dgt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``base + dgates W_hh`` in one call (one part, no flipout)."""
+        self.threads.many()
+        torch.addmm(base, dgt, self.w, out=out)
+        self.threads.one()
+        return out
+
+
+def _window_forward(xproj, h0, c0, w, stacked, s, r, mask, cell, zc, zh, save: bool):
+    """The forward recurrence of one window (``stacked``: ``[W_hh, ΔŴ]`` ``(2, 4H, H)`` with flipout).
+
+    Returns ``hall`` ``(T+1, B, H)`` (``h0``, then every ``h_t``), ``c_T``, and, when ``save``,
+    what backward needs (else None): ``fac`` ``(T, B, 4H)``, the derivative factors of the four
+    gate pre-activations, which backward turns into ``dgates`` in place::
+
+        [σ'(i) g̃,  σ'(f) c_{t-1},  σ(i) tanh'(g) d_t,  σ'(o) tanh(c̃) (1 - z^h)]   (g̃ = tanh(g) d_t)
+
+    ``aux`` ``(T, B, 2H)`` = ``[σ(o) tanh'(c̃) (1 - z^h),  σ(f)]``, and ``left`` the matmuls'
+    left operands: ``h̃`` ``(T, B, H)`` (with a hidden mask) or ``[h̃, h̃ ∘ s]`` ``(2, T, B, H)``
+    (flipout); None when ``h̃ = h_{t-1}``.
+    """
+    steps, batch, h4 = xproj.shape
+    hid = h4 // 4
+    new = lambda *shape: xproj.new_empty(*shape)  # noqa: E731
+    hall = new(steps + 1, batch, hid)
+    hall[0] = h0
+    hs, xs = hall.unbind(0), xproj.unbind(0)
+    fac = aux = left_all = None
+    if save:
+        fac, aux = new(steps, batch, h4), new(steps, batch, 2 * hid)
+        fis, ffs, fgs, fos = (list(v.unbind(0)) for v in fac.view(steps, batch, 4, hid).unbind(2))
+        bcs, fts = (list(v.unbind(0)) for v in aux.view(steps, batch, 2, hid).unbind(2))
+    flip = stacked is not None
+    if flip:
+        left_all = new(2, steps if save else 1, batch, hid)
+        lefts = list(left_all.unbind(1)) if save else [left_all[:, 0]] * steps
+    elif mask is not None:
+        left_all = new(steps if save else 1, batch, hid)
+        lefts = list(left_all.unbind(0)) if save else [left_all[0]] * steps
+    if not save:
+        left_all = None
+    s_t, r_t, cell_t = _steps(s, steps), _steps(r, steps), _steps(cell, steps)
+    zc_t, zh_t = _steps(zc, steps), _steps(zh, steps)
+    threads = _Threads(xproj.device)
+    gates = _GateMatmul(w, stacked, batch, _gemm_parts(w), threads)
+    gi, gf, gg, go = gates.gates
+    u, v, tc, gp_buf, w_buf = (new(batch, hid) for _ in range(5))
+    c_bufs = (new(batch, hid), new(batch, hid))
+    cn_buf = new(batch, hid) if zc is not None else None
+    hn_buf = new(batch, hid) if zh is not None else None
+    c = c0
+    with threads:
+        for t in range(steps):
+            h = hs[t]
+            if flip:
+                lt = lefts[t]
+                hr = torch.mul(h, mask, out=lt[0]) if mask is not None else lt[0].copy_(h)
+                torch.mul(hr, s_t[t], out=lt[1])
+            else:
+                lt = h if mask is None else torch.mul(h, mask, out=lefts[t])
+            gates(xs[t], lt, r_t[t])
+            gates.if_block.sigmoid_()
+            gg.tanh_()
+            go.sigmoid_()
+            gp = gg if cell is None else torch.mul(gg, cell_t[t], out=gp_buf)
+            torch.mul(gi, gp, out=u)
+            torch.mul(gf, c, out=v)
+            c_next = c_bufs[t % 2]
+            cn = torch.add(v, u, out=c_next if zc is None else cn_buf)
+            torch.tanh(cn, out=tc)
+            hn = torch.mul(go, tc, out=hs[t + 1] if zh is None else hn_buf)
+            if save:
+                torch.addcmul(u, u, gi, value=-1, out=fis[t])  # i(1-i) g̃
+                torch.addcmul(v, v, gf, value=-1, out=ffs[t])  # f(1-f) c_{t-1}
+                torch.addcmul(gi, torch.mul(gi, gg, out=w_buf), gg, value=-1, out=fgs[t])  # i(1-g²)
+                if cell is not None:
+                    fgs[t].mul_(cell_t[t])
+                torch.addcmul(hn, hn, go, value=-1, out=fos[t])  # o(1-o) tanh(c̃)
+                torch.addcmul(go, hn, tc, value=-1, out=bcs[t])  # o(1-tanh²(c̃))
+                fts[t].copy_(gf)
+                if isinstance(zh, torch.Tensor):  # times (1 - z^h)
+                    fos[t].addcmul_(fos[t], zh_t[t], value=-1)
+                    bcs[t].addcmul_(bcs[t], zh_t[t], value=-1)
+                elif zh is not None:
+                    fos[t].mul_(1 - zh)
+                    bcs[t].mul_(1 - zh)
+            if zc is not None:
+                torch.lerp(cn, c, zc_t[t], out=c_next)
+            if zh is not None:
+                torch.lerp(hn, h, zh_t[t], out=hs[t + 1])
+            c = c_next
+    return hall, c, fac, aux, left_all
+
+
+class _LSTMWindow(torch.autograd.Function):
+    """The recurrence of one window with a hand-written backward (see the module docstring).
+
+    Backward overwrites its saved factors with the gate gradients (saving a fresh ``(T, B, 4H)``
+    buffer), so a second backward through the same graph (``retain_graph=True``) is refused with
+    an error. Flipout signs must be exactly ±1 (as :meth:`Flip.sample` draws them): ``dΔ`` flips
+    the signs of the gate gradients in place and back.
+    """
+
+    @staticmethod
+    def forward(ctx, xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh):
+        stacked = torch.stack((w, delta)) if delta is not None else None
+        hall, c, fac, aux, left = _window_forward(xproj, h0, c0, w, stacked, s, r, mask, cell, zc, zh, save=True)
+        zc_t, zh_t = (z if isinstance(z, torch.Tensor) else None for z in (zc, zh))
+        ctx.save_for_backward(hall, fac, aux, left, w, stacked, s, r, mask, zc_t, zh_t)
+        ctx.zone = (zc, zh) if zc_t is None or zh_t is None else None  # floats (eval expectation) or None
+        return hall, c
+
+    @staticmethod
+    def backward(ctx, d_hall, d_c):
+        try:
+            hall, fac, aux, left, w, stacked, s, r, mask, zc, zh = ctx.saved_tensors
+        except RuntimeError as e:
+            if "modified by an inplace operation" not in str(e):
+                raise
+            raise RuntimeError("the LSTM window kernel supports one backward pass per forward (its backward "
+                               "reuses the saved buffers): run the forward again instead of retain_graph=True"
+                               ) from e
+        if ctx.zone is not None:
+            zc = zc if zc is not None else ctx.zone[0]
+            zh = zh if zh is not None else ctx.zone[1]
+        steps, batch, h4 = fac.shape
+        hid = h4 // 4
+        fac_steps = fac.unbind(0)
+        f3s = list(fac.view(steps, batch, 4, hid)[:, :, :3].unbind(0))
+        fos = list(fac.view(steps, batch, 4, hid)[:, :, 3].unbind(0))
+        bcs, fts = (list(v.unbind(0)) for v in aux.view(steps, batch, 2, hid).unbind(2))
+        s_t, r_t, zc_t, zh_t = (_steps(x, steps) for x in (s, r, zc, zh))
+        keep_c = 1 - zc if zc is not None else None
+        keep_c_t = _steps(keep_c, steps)
+        d_hs = d_hall.unbind(0)
+        threads = _Threads(fac.device)
+        grad_h = _HiddenGrad(w, stacked, batch, _gemm_parts(w), threads)
+        new = lambda: fac.new_empty(batch, hid)  # noqa: E731
+        dcn = new()
+        dc_bufs, dh_bufs = (new(), new()), (new(), new())
+        fused = mask is None and stacked is None and grad_h.parts == 1
+        dh, dc = d_hs[steps], d_c
+        with threads:
+            for t in range(steps - 1, -1, -1):
+                dgt = fac_steps[t]
+                fos[t].mul_(dh)  # d o
+                torch.mul(dh, bcs[t], out=dcn)
+                if zc is None:
+                    dcn.add_(dc)
+                elif isinstance(zc, torch.Tensor):
+                    dcn.addcmul_(dc, keep_c_t[t])
+                else:
+                    dcn.add_(dc, alpha=keep_c)
+                f3s[t].mul_(dcn.unsqueeze(1))  # d i, d f, d g
+                dc_prev = torch.mul(dcn, fts[t], out=dc_bufs[t % 2])
+                if zc is not None:
+                    dc_prev.addcmul_(dc, zc_t[t]) if isinstance(zc, torch.Tensor) else dc_prev.add_(dc, alpha=zc)
+                dh_prev = dh_bufs[t % 2]
+                if fused:
+                    grad_h.addmm(d_hs[t], dgt, dh_prev)
+                else:
+                    dhr = grad_h(dgt, r_t[t], s_t[t])
+                    if mask is None:
+                        torch.add(d_hs[t], dhr, out=dh_prev)
+                    else:
+                        torch.addcmul(d_hs[t], dhr, mask, out=dh_prev)
+                if zh is not None:
+                    dh_prev.addcmul_(dh, zh_t[t]) if isinstance(zh, torch.Tensor) else dh_prev.add_(dh, alpha=zh)
+                dh, dc = dh_prev, dc_prev
+
+        need = ctx.needs_input_grad
+        d_gates = fac.view(-1, h4)
+        hr = hall[:-1] if left is None else left[0] if stacked is not None else left
+        d_w = d_gates.t().mm(hr.reshape(-1, hid)) if need[3] else None
+        d_delta = None
+        if stacked is not None and need[4]:
+            # dΔ = Σ_t (dgates ∘ r)ᵀ (h̃ ∘ s): flip the signs of dgates in place and back (r ∘ r = 1 exactly)
+            fac.mul_(r)
+            d_delta = d_gates.t().mm(left[1].reshape(-1, hid))
+            fac.mul_(r)
+        return (fac, dh if need[1] else None, dc if need[2] else None, d_w, d_delta,
+                None, None, None, None, None, None)
+
+
+def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor,
+                draws: WindowDraws) -> tuple[torch.Tensor, State]:
+    """The fast recurrence of one window; same arguments and results as :func:`reference_loop`."""
+    delta, s, r = _flip_parts(draws.flip)
+    args = (xproj, state[0], state[1], weight_hh, delta, s, r, draws.hidden_mask, draws.cell_mask,
+            draws.zoneout_c, draws.zoneout_h)
+    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+        hall, c = _LSTMWindow.apply(*args)
+    else:
+        stacked = torch.stack((weight_hh, delta)) if delta is not None else None
+        hall, c = _window_forward(*args[:4], stacked, *args[5:], save=False)[:2]
+    return hall[1:], (hall[-1], c)
