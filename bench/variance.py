@@ -53,9 +53,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import io
 import json
-import math
 import platform
 import sys
 import time
@@ -69,10 +67,12 @@ import torch.nn.functional as F
 from lm.config import RegularizerConfig, load_config, to_dict
 from lm.data import Corpus, load_corpus
 from lm.errors import UserError, run_cli
+from lm.plots import plot_variance, print_variance_table
 from lm.eval_cli import load_model
 from lm.metrics import metric_name
 from lm.model import LanguageModel, count_parameters
 from lm.regularizers import Regularizer, build_regularizer
+from lm.stats import summarize, t_stat_equal, tail_summary
 from lm.trainer import Trainer
 
 GATES = ("i", "f", "g", "o")  # PyTorch's row blocks of W_hh
@@ -96,22 +96,6 @@ PRESETS: dict[str, dict] = {
     "tiny": dict(level="char", hidden=8, layers=None, bptt=6, train_steps=3, reps=8, groups=4,
                  max_n=8, chunk=4, threads=1, eval_tokens=None),  # one thread: no spin-wait cost on a busy machine
 }
-
-# t_{0.95, df} for df = 1..30 (two-sided 90% intervals).
-_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761,
-        1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701,
-        1.699, 1.697)
-
-
-def t95(df: int) -> float:
-    """Upper 5% point of Student's t with ``df`` degrees of freedom (table, then Cornish-Fisher)."""
-    if df < 1:
-        return math.nan
-    if df <= len(_T95):
-        return _T95[df - 1]
-    z = 1.6448536269514722
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
-
 
 # -- the model -----------------------------------------------------------------------------
 def synthetic_corpus(seed: int) -> Corpus:
@@ -289,99 +273,6 @@ def measure(model: LanguageModel, scheme: str, sampler: Callable, ns: list[int],
     return out, n1_sq
 
 
-# -- statistics ----------------------------------------------------------------------------
-def fit(ns: Sequence[int], v: Sequence[float]) -> dict:
-    """Log-log slopes (all N; the upper half of the N range) and ``a + b/N`` by relative least squares."""
-    n, v = np.asarray(ns, float), np.asarray(v, float)
-    slope = float(np.polyfit(np.log(n), np.log(v), 1)[0]) if len(n) > 1 else math.nan
-    half = len(n) // 2
-    tail = float(np.polyfit(np.log(n[half:]), np.log(v[half:]), 1)[0]) if len(n) - half > 1 else math.nan
-    design = np.stack([1 / v, 1 / (n * v)], 1)  # minimise sum(((a + b/N) / v - 1)^2)
-    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(v), rcond=None)
-    return {"slope": slope, "slope_upper_half": tail, "a": float(a), "b": float(b),
-            "crossover_n": float(b / a) if a > 0 else None}
-
-
-def summarize(ns: list[int], groups: np.ndarray, column: int) -> dict:
-    """Mean over groups, 90% t-interval, and the fit, for one gate column."""
-    vals = groups[:, :, column]
-    mean = vals.mean(0)
-    k = vals.shape[0]
-    half = t95(k - 1) * vals.std(0, ddof=1) / math.sqrt(k) if k > 1 else np.full_like(mean, math.nan)
-    return {"variance": mean.tolist(), "ci_low": (mean - half).tolist(), "ci_high": (mean + half).tolist(),
-            **fit(ns, mean)}
-
-
-def tail_summary(sq: np.ndarray) -> dict:
-    """Median, max and the largest single repetition's share of the squared N = 1 gradient norms."""
-    return {"median": float(np.median(sq)), "max": float(sq.max()), "largest_share": float(sq.max() / sq.sum()),
-            "largest_rep": int(sq.argmax())}
-
-
-def t_stat_equal(x: np.ndarray, y: np.ndarray) -> float:
-    """Welch t statistic of the difference of two sets of group estimates."""
-    se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
-    return float((x.mean() - y.mean()) / se) if se > 0 else math.nan
-
-
-# -- output --------------------------------------------------------------------------------
-def plot(result: dict, path: Path) -> None:
-    """Log-log panels: one row per perturbation family, one column per gate (and the whole matrix)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    ns = np.asarray(result["ns"], float)
-    families = [f for f in FAMILY_TITLE if any(s["family"] == f for s in result["schemes"].values())]
-    cols = [*GATES, "all"]
-    fig, axes = plt.subplots(len(families), len(cols), figsize=(3.1 * len(cols), 3.0 * len(families) + 0.6),
-                             squeeze=False, sharex=True)
-    style = {"shared": dict(color="tab:red", marker="o"), "flipout": dict(color="tab:blue", marker="s")}
-    for row, family in enumerate(families):
-        members = {s["perturbation"]: s for s in result["schemes"].values() if s["family"] == family}
-        for col, gate in enumerate(cols):
-            ax = axes[row][col]
-            first = []
-            for kind, s in members.items():
-                d = s if gate == "all" else s["gates"][gate]
-                v = np.asarray(d["variance"])
-                low = np.maximum(np.asarray(d["ci_low"]), v / 20)  # a negative lower end cannot be drawn in log
-                err = np.stack([v - low, np.asarray(d["ci_high"]) - v]).clip(min=0)
-                ax.errorbar(ns, v, yerr=err, ms=4, lw=1.2, capsize=2, **style[kind],
-                            label=f"{kind} (slope {d['slope']:.2f})")
-                first.append(v[0])
-            ax.plot(ns, np.mean(first) / ns, "k--", lw=0.9, label="ideal α/N")
-            ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
-            ax.set_title(f"{FAMILY_TITLE[family]}: {'W_hh' if gate == 'all' else 'gate ' + gate}", fontsize=9)
-            ax.grid(True, which="major", alpha=0.3)
-            ax.tick_params(labelsize=8)
-            ax.legend(fontsize=7, loc="lower left")
-            if row == len(families) - 1:
-                ax.set_xlabel("mini-batch size N", fontsize=9)
-            if col == 0:
-                ax.set_ylabel("gradient variance", fontsize=9)
-    c = result["config"]
-    fig.suptitle(f"Var of ∂L/∂W_hh (layer {c['layer']}), {c['level']}-level PTB, H={result['model']['hidden']}, "
-                 f"T={c['bptt']}, data {c['data_mode']}, {c['reps']} reps, 90% t-CI over {c['groups']} groups",
-                 fontsize=10)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=80)
-    plt.close(fig)
-    from PIL import Image  # matplotlib's own dependency; a 64-colour palette keeps the file small
-    Image.open(buf).convert("RGB").quantize(colors=64).save(path, optimize=True)
-
-
-def print_table(result: dict) -> None:
-    ns = result["ns"]
-    print(f"\n{'scheme':15s} " + " ".join(f"N={n:<8d}" for n in ns) + "  slope  a          b")
-    for name, s in result["schemes"].items():
-        print(f"{name:15s} " + " ".join(f"{v:<10.3e}" for v in s["variance"])
-              + f"  {s['slope']:5.2f}  {s['a']:<10.3e} {s['b']:.3e}")
-
-
 # -- CLI -----------------------------------------------------------------------------------
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="bench/variance.py", description=__doc__.split("\n\n")[0],
@@ -502,8 +393,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1) + "\n")
     plot_path = Path(args.plot) if args.plot else out / "variance.png"
-    plot(result, plot_path)
-    print_table(result)
+    plot_variance(result, plot_path, GATES, FAMILY_TITLE)
+    print_variance_table(result)
     print(f"\nwrote {json_path} and {plot_path} in {result['runtime_s']:.0f}s")
     return 0
 

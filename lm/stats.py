@@ -11,6 +11,8 @@ import statistics
 from dataclasses import dataclass
 from typing import Sequence
 
+import numpy as np
+
 
 def _betacf(a: float, b: float, x: float, iters: int = 300, eps: float = 1e-14) -> float:
     """Continued fraction of the incomplete beta function (modified Lentz)."""
@@ -74,3 +76,54 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Welch:
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
     t = diff / se
     return Welch(diff, se, t, df, t_two_sided_p(t, df))
+
+
+# t_{0.95, df} for df = 1..30 (two-sided 90% intervals).
+_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761,
+        1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701,
+        1.699, 1.697)
+
+
+def t95(df: int) -> float:
+    """Upper 5% point of Student's t with ``df`` degrees of freedom (table, then Cornish-Fisher)."""
+    if df < 1:
+        return math.nan
+    if df <= len(_T95):
+        return _T95[df - 1]
+    z = 1.6448536269514722
+    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+
+
+# -- bench/variance.py: variance against mini-batch size ------------------------------------
+def fit(ns: Sequence[int], v: Sequence[float]) -> dict:
+    """Log-log slopes (all N; the upper half of the N range) and ``a + b/N`` by relative least squares."""
+    n, v = np.asarray(ns, float), np.asarray(v, float)
+    slope = float(np.polyfit(np.log(n), np.log(v), 1)[0]) if len(n) > 1 else math.nan
+    half = len(n) // 2
+    tail = float(np.polyfit(np.log(n[half:]), np.log(v[half:]), 1)[0]) if len(n) - half > 1 else math.nan
+    design = np.stack([1 / v, 1 / (n * v)], 1)  # minimise sum(((a + b/N) / v - 1)^2)
+    (a, b), *_ = np.linalg.lstsq(design, np.ones_like(v), rcond=None)
+    return {"slope": slope, "slope_upper_half": tail, "a": float(a), "b": float(b),
+            "crossover_n": float(b / a) if a > 0 else None}
+
+
+def summarize(ns: list[int], groups: np.ndarray, column: int) -> dict:
+    """Mean over groups, 90% t-interval, and the fit, for one gate column."""
+    vals = groups[:, :, column]
+    mean = vals.mean(0)
+    k = vals.shape[0]
+    half = t95(k - 1) * vals.std(0, ddof=1) / math.sqrt(k) if k > 1 else np.full_like(mean, math.nan)
+    return {"variance": mean.tolist(), "ci_low": (mean - half).tolist(), "ci_high": (mean + half).tolist(),
+            **fit(ns, mean)}
+
+
+def tail_summary(sq: np.ndarray) -> dict:
+    """Median, max and the largest single repetition's share of the squared N = 1 gradient norms."""
+    return {"median": float(np.median(sq)), "max": float(sq.max()), "largest_share": float(sq.max() / sq.sum()),
+            "largest_rep": int(sq.argmax())}
+
+
+def t_stat_equal(x: np.ndarray, y: np.ndarray) -> float:
+    """Welch t statistic of the difference of two sets of group estimates."""
+    se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
+    return float((x.mean() - y.mean()) / se) if se > 0 else math.nan

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lm import stats
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -102,13 +104,13 @@ def test_frozen_perturbation_is_shared_and_redrawn(variance):
 
 def test_fit_recovers_one_over_n(variance):
     ns = [1, 2, 4, 8, 16, 32]
-    f = variance.fit(ns, [3.0 / n for n in ns])
+    f = stats.fit(ns, [3.0 / n for n in ns])
     assert f["slope"] == pytest.approx(-1.0) and f["b"] == pytest.approx(3.0) and abs(f["a"]) < 1e-9
-    flat = variance.fit(ns, [1.0 + 3.0 / n for n in ns])
+    flat = stats.fit(ns, [1.0 + 3.0 / n for n in ns])
     assert flat["a"] == pytest.approx(1.0) and flat["b"] == pytest.approx(3.0) and flat["slope"] > -1
     assert variance.batch_sizes(256) == [1, 2, 4, 8, 16, 32, 64, 128, 256]
     assert variance.batch_sizes(6) == [1, 2, 4, 6]
-    assert variance.t95(5) == pytest.approx(2.015) and variance.t95(100) == pytest.approx(1.660, abs=2e-3)
+    assert stats.t95(5) == pytest.approx(2.015) and stats.t95(100) == pytest.approx(1.660, abs=2e-3)
 
 
 def test_bad_arguments_are_user_errors(variance):
