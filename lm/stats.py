@@ -1,4 +1,7 @@
-"""Small statistics helpers with no SciPy dependency: Welch's t-test for seed comparisons.
+"""Small statistics helpers with no SciPy dependency.
+
+* Welch's t-test for seed comparisons (:mod:`lm.study_report`);
+* t quantiles, ``a + b/N`` fits and group summaries for ``bench/variance.py``.
 
 The two-sided p-value uses the Student t CDF written through the regularized incomplete beta
 function, ``P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2)``, evaluated with Lentz's continued fraction.
