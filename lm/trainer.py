@@ -249,7 +249,6 @@ class Trainer:
 
     def fit(self) -> int:
         """Train until max_epochs, max_steps, early stopping or a signal. Returns an exit code."""
-        t = self.cfg.train
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.write_config()
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}

@@ -10,6 +10,7 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 _DEFAULT_PTB = ROOT.parent / "shared" / "data" / "ptb"
@@ -42,3 +43,12 @@ def _isolated_data_root(tmp_path_factory, monkeypatch):
     path = _ptb_dir()
     if path is not None:
         monkeypatch.setenv("PTB_DIR", str(path))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """The tensors here are tiny: on 2 shared cores, thread hand-offs cost more than the maths."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

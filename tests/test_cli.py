@@ -3,7 +3,6 @@ and nothing already written is lost. Also --help and --list-regularizers."""
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from pathlib import Path

@@ -12,7 +12,6 @@ import torch
 import evaluate as evaluate_script
 import train as train_script
 from lm.config import CONFIG_DIR, load_config
-from lm.data import batchify
 from lm.model import count_parameters
 
 PAPER = sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.stem != "quickstart")

@@ -24,13 +24,7 @@ FLIPOUT = ("wd_flipout", "gauss_flipout")
 RATE = {"wd_flipout": dict(weight_p=0.5), "gauss_flipout": dict(sigma=0.7)}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """The tensors here are tiny: on 2 shared cores, thread hand-offs cost more than the maths."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: see conftest.one_thread
 
 
 def _reg(name: str, **options):
