@@ -49,3 +49,13 @@ def test_unknown_names_are_rejected(throughput):
         throughput.main(["--tiny", "--only", "no_such_regularizer"])
     with pytest.raises(SystemExit):
         throughput.main(["--tiny", "--sizes", "byte"])
+
+
+def test_flipout_gemm_probe_prints_a_row_per_size(capsys):
+    spec = importlib.util.spec_from_file_location("bench_flipout_gemm", ROOT / "bench" / "flipout_gemm.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.main(["--sizes", "8", "16", "--batch", "2", "--threads", "1", "--repeats", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert [int(r[0]) for r in rows] == [8, 16]
+    assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
