@@ -51,8 +51,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
     p.add_argument("--repeats", type=int, default=30, help="timed calls per product (median reported)")
     args = p.parse_args(argv)
+    before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    try:
+        table(args)
+    finally:
+        torch.set_num_threads(before)
+    return 0
+
+
+def table(args: argparse.Namespace) -> None:
     print(f"threads {torch.get_num_threads()}, batch {args.batch}, last-level cache {last_level_cache()}")
     print(f"{'H':>6} {'W_hh MiB':>9} {'mm ms':>8} {'flip bmm ms':>12} {'ratio':>6}  (ideal 0.50)")
     for hid in args.sizes:
@@ -64,7 +73,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         flip = median_ms(lambda: torch.bmm(left, weights, out=out), args.repeats)
         mib = 4 * hid * hid * 4 / 2 ** 20
         print(f"{hid:>6} {mib:>9.1f} {single:>8.2f} {flip:>12.2f} {single / flip:>6.2f}")
-    return 0
 
 
 if __name__ == "__main__":
