@@ -3,7 +3,7 @@
 Reads what :mod:`lm.trainer` writes in each run directory (``config.yaml``, ``metrics.jsonl``,
 ``results.json``; ``last.pt``/``best.pt`` only for the parameter count of unfinished runs, and
 for the config when ``config.yaml`` is gone). A directory with neither config nor checkpoint
-stands for the run directories inside it (e.g. a seed sweep).
+stands for the run directories below it at any depth (a seed sweep, or a study of several sweeps).
 
 * Finished runs whose configs differ only in ``train.seed`` (and runtime-only keys) form one
   row: mean ± sample standard deviation, with the number of seeds.
@@ -74,8 +74,16 @@ def _is_run(p: Path) -> bool:
     return any((p / name).is_file() for name in RUN_FILES)
 
 
+def _runs_below(p: Path) -> list[Path]:
+    """Run directories under ``p`` at any depth (e.g. ``study/char/<regularizer>/seed<S>``), in natural order."""
+    runs: list[Path] = []
+    for q in sorted((q for q in p.iterdir() if q.is_dir()), key=_natural):
+        runs.extend([q] if _is_run(q) else _runs_below(q))
+    return runs
+
+
 def find_runs(paths: Sequence[str]) -> list[Path]:
-    """Run directories among ``paths``; a directory that is not a run stands for the runs inside it."""
+    """Run directories among ``paths``; a directory that is not a run stands for the runs below it."""
     runs: list[Path] = []
     for name in paths:
         p = Path(name)
@@ -84,7 +92,7 @@ def find_runs(paths: Sequence[str]) -> list[Path]:
         if _is_run(p):
             runs.append(p)
             continue
-        inner = sorted((q for q in p.iterdir() if q.is_dir() and _is_run(q)), key=_natural)
+        inner = _runs_below(p)
         if not inner:
             raise UserError(f"{p} is not a run directory (no config.yaml nor checkpoint) and holds none: give "
                             "directories written by train.py")

@@ -106,3 +106,14 @@ def test_bad_run_directories(tmp_path, capsys, make, message):
     make(tmp_path / "x")
     code, _, err = compare(capsys, tmp_path / "x", "--out", tmp_path / "out")
     assert code == 2 and message in err and err.count("\n") == 1
+
+
+def test_a_study_directory_stands_for_every_sweep_below_it(tmp_path, capsys):
+    """``compare study/char`` finds ``study/char/<regularizer>/seed<S>``: one row per sweep."""
+    for reg, lr in (("a_reg", 0.002), ("b_reg", 0.004)):
+        for seed in (1, 2):
+            fake_run(tmp_path / "study" / "char" / reg / f"seed{seed}", seed=seed, lr=lr)
+    code, _, _ = compare(capsys, tmp_path / "study", "--out", tmp_path / "out", "--no-plot")
+    assert code == 0
+    rows = json.loads((tmp_path / "out" / "compare.json").read_text())["tables"][0]["rows"]
+    assert [(r["run"], r["n"]) for r in rows] == [("a_reg", 2), ("b_reg", 2)]
