@@ -2,7 +2,7 @@
 # CPU-scale regularizer study (docs/results.md): every regularizer of the suite, char and word
 # level, 3 seeds each, on a reduced PTB training set; then regenerates docs/results.md.
 #
-#   bash scripts/study.sh                 # everything (~90-100 min on 2 CPU cores)
+#   bash scripts/study.sh                 # everything (~2 h on 2 CPU cores; measured: docs/results.md)
 #   SEEDS="1" bash scripts/study.sh       # one seed per config (a third of the time)
 #   STUDY_DIR=/tmp/s bash scripts/study.sh
 #
@@ -52,6 +52,8 @@ start=$(date +%s)
 jobs_list | xargs -P "$JOBS" -L 1 bash -c 'run_one "$@"' _
 echo "training took $(( ($(date +%s) - start) / 60 )) min"
 
-$PY evaluate.py compare "$STUDY_DIR/char" --out docs/study/char
-$PY evaluate.py compare "$STUDY_DIR/word" --out docs/study/word
+for level in char word; do  # one table per level, rows in the order of $REGULARIZERS
+  # shellcheck disable=SC2046
+  $PY evaluate.py compare $(for reg in $REGULARIZERS; do echo "$STUDY_DIR/$level/$reg"; done) --out "docs/study/$level"
+done
 $PY -m lm.study_report --study-dir "$STUDY_DIR" --out docs/results.md
