@@ -72,7 +72,7 @@ def table(args: argparse.Namespace) -> None:
         single = median_ms(lambda: torch.mm(left[0], weights[0], out=out[0]), args.repeats)
         flip = median_ms(lambda: torch.bmm(left, weights, out=out), args.repeats)
         mib = 4 * hid * hid * 4 / 2 ** 20
-        print(f"{hid:>6} {mib:>9.1f} {single:>8.2f} {flip:>12.2f} {single / flip:>6.2f}")
+        print(f"{hid:>6} {mib:>9.1f} {single:>8.3f} {flip:>12.3f} {single / flip:>6.2f}")
 
 
 if __name__ == "__main__":

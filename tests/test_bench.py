@@ -58,4 +58,4 @@ def test_flipout_gemm_probe_prints_a_row_per_size(capsys):
     assert module.main(["--sizes", "8", "16", "--batch", "2", "--threads", "1", "--repeats", "2"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [int(r[0]) for r in rows] == [8, 16]
-    assert all(float(r[2]) > 0 and float(r[3]) > 0 and float(r[4]) > 0 for r in rows)
+    assert all(float(r[2]) >= 0 and float(r[3]) >= 0 and float(r[4]) > 0 for r in rows)  # ms round to 0 at tiny H
