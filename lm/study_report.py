@@ -174,7 +174,8 @@ def design_table(levels: dict[str, dict]) -> list[str]:
     out = ["| setting | " + " | ".join(cols) + " |", "|---|" + "---|" * len(cols)]
     firsts = {lv: next(iter(d.values()))["runs"][0].config for lv, d in levels.items()}
     for key in DESIGN_KEYS:
-        vals = [_get(firsts[lv], key) for lv in cols]
+        vals = [None if key == "model.emb_size" and _get(firsts[lv], "model.input") == "onehot"  # unused
+                else _get(firsts[lv], key) for lv in cols]
         out.append(f"| `{key}` | " + " | ".join("—" if v is None else f"`{v}`" for v in vals) + " |")
     params = [f"{next(iter(d.values()))['row']['params']['mean']:,.0f}" for d in levels.values()]
     out.append("| parameters | " + " | ".join(params) + " |")
