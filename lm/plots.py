@@ -7,8 +7,8 @@ row so that it never hides a curve.
 
 from __future__ import annotations
 
-from pathlib import Path
 import io
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np

@@ -127,6 +127,8 @@ def tail_summary(sq: np.ndarray) -> dict:
 
 
 def t_stat_equal(x: np.ndarray, y: np.ndarray) -> float:
-    """Welch t statistic of the difference of two sets of group estimates."""
-    se = math.sqrt(x.var(ddof=1) / len(x) + y.var(ddof=1) / len(y))
-    return float((x.mean() - y.mean()) / se) if se > 0 else math.nan
+    """Welch t statistic of the difference of two sets of group estimates (nan when both are constant)."""
+    if len(x) < 2 or len(y) < 2:
+        return math.nan
+    w = welch(x.tolist(), y.tolist())
+    return w.t if w.se > 0 else math.nan

@@ -10,6 +10,7 @@ study regenerates it; hand-written remarks live in ``docs/study/notes.md``, whic
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import statistics
 from datetime import datetime, timezone
@@ -105,7 +106,8 @@ def compare_pair(data: dict, a: str, b: str) -> str | None:
     else:
         verdict = "no significant difference" + (" (lower on average)" if w.diff < 0 else " (higher on average)")
     return (f"{a} vs {b}: test {_fmt(statistics.fmean(ta), m)} vs {_fmt(statistics.fmean(tb), m)}, "
-            f"difference {w.diff:+.3f} ± {w.se:.3f} (SE), Welch t = {w.t:.2f}, df = {w.df:.1f}, p = {w.p:.3f}: "
+            f"difference {w.diff:+.3f} ± {w.se:.3f} (SE), Welch t = {w.t:.2f}, df = {w.df:.1f}, "
+            f"p {'< 0.001' if w.p < 0.001 else f'= {w.p:.3f}'}: "
             f"{verdict}")
 
 
@@ -191,7 +193,6 @@ def machine() -> str:
                 break
     except OSError:
         pass
-    import os
     return (f"{cpu}, {os.cpu_count()} logical CPUs, {platform.system()} {platform.release()}, Python "
             f"{platform.python_version()}, torch {torch.__version__}")
 
