@@ -11,18 +11,32 @@ and prints the ratio (ideal 0.50: twice the flops). Where twice the weights outg
 once does not, the ratio drops below 0.5 and no kernel that keeps ``W_hh`` and ``ΔŴ`` in fp32 can
 reach the compute bound.
 
+With ``--window``, it instead measures the *matmul floor of a whole training window* at one
+size: the per-step matmuls exactly as :mod:`lm.lstm_kernel` issues them (``_GateMatmul`` forward,
+``_HiddenGrad`` backward, T of each) plus the window-wide weight-gradient matmuls, with no other
+work, against ``nn.LSTM``'s forward + backward of the same layer (oneDNN on CPU). The ratio
+``nn.LSTM / matmuls only`` is the best training ratio a window kernel built on these matmuls can
+reach: element-wise work, mask draws and Python only lower it. Timings are interleaved
+(R, plain, R, flipout, R, ...) and the median of the per-round ratios is printed.
+
     python bench/flipout_gemm.py --threads 2
     python bench/flipout_gemm.py --threads 1 --sizes 500 1000 --batch 32
+    python bench/flipout_gemm.py --threads 2 --window --sizes 1000 --batch 32 --steps 100
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
+import sys
 import time
 from pathlib import Path
 from typing import Callable, Sequence
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lm.lstm_kernel import _GateMatmul, _HiddenGrad, _gemm_parts  # noqa: E402
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -33,6 +47,12 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2] * 1e3
+
+
+def once_ms(fn: Callable[[], object]) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t0) * 1e3
 
 
 def last_level_cache() -> str:
@@ -49,13 +69,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--sizes", type=int, nargs="+", default=[400, 600, 700, 800, 900, 1000, 1200], help="H values")
     p.add_argument("--batch", type=int, default=32, help="rows B (the paper's char batch: 32)")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
-    p.add_argument("--repeats", type=int, default=30, help="timed calls per product (median reported)")
+    p.add_argument("--repeats", type=int, default=30, help="timed calls per product (median reported); "
+                   "with --window: rounds")
+    p.add_argument("--window", action="store_true", help="matmul floor of a training window against nn.LSTM")
+    p.add_argument("--steps", type=int, default=100, help="window length T for --window (char: 100)")
+    p.add_argument("--input", type=int, default=50, help="input size for --window's nn.LSTM (char: 50)")
     args = p.parse_args(argv)
     before = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
-        table(args)
+        window_table(args) if args.window else table(args)
     finally:
         torch.set_num_threads(before)
     return 0
@@ -73,6 +97,63 @@ def table(args: argparse.Namespace) -> None:
         flip = median_ms(lambda: torch.bmm(left, weights, out=out), args.repeats)
         mib = 4 * hid * hid * 4 / 2 ** 20
         print(f"{hid:>6} {mib:>9.1f} {single:>8.3f} {flip:>12.3f} {single / flip:>6.2f}")
+
+
+def window_matmuls(hid: int, inp: int, batch: int, steps: int, flip: bool) -> Callable[[], None]:
+    """One window's matmuls as the layer issues them, nothing else (inputs are random): the input
+    projection and its two gradients (one matmul each over the window), the kernel's per-step
+    products, and the window-wide ``dW_hh`` (and ``dΔŴ``)."""
+    w = torch.randn(4 * hid, hid) / hid ** 0.5
+    w_ih, x = torch.randn(4 * hid, inp), torch.randn(steps * batch, inp)
+    stacked = torch.stack((w, torch.randn_like(w))) if flip else None
+    gates, grad_h = _GateMatmul(w, stacked, batch, _gemm_parts(w)), _HiddenGrad(w, stacked, batch, _gemm_parts(w))
+    xt, r = torch.randn(batch, 4 * hid), torch.ones(batch, 4 * hid)
+    left = torch.randn(2, batch, hid) if flip else torch.randn(batch, hid)
+    s, dgt = torch.ones(batch, hid), torch.randn(batch, 4 * hid)
+    d_gates, h_all = torch.randn(steps * batch, 4 * hid), torch.randn(steps * batch, hid)
+
+    def run() -> None:
+        x.mm(w_ih.t())
+        for _ in range(steps):
+            gates(xt, left, r)
+        for _ in range(steps):
+            grad_h(dgt, r, s)
+        for _ in range(2 if flip else 1):  # dW_hh, and dΔŴ
+            d_gates.t().mm(h_all)
+        d_gates.mm(w_ih), d_gates.t().mm(x)  # d input, dW_ih
+    return run
+
+
+def window_table(args: argparse.Namespace) -> None:
+    print(f"threads {torch.get_num_threads()}, batch {args.batch}, window {args.steps}, "
+          f"last-level cache {last_level_cache()}, {args.repeats} rounds")
+    print(f"{'H':>6} {'nn.LSTM ms':>11} {'plain ms':>9} {'flipout ms':>11} {'plain floor':>12} {'flipout floor':>14}")
+    for hid in args.sizes:
+        torch.manual_seed(0)
+        lstm = torch.nn.LSTM(args.input, hid)
+        x = torch.randn(args.steps, args.batch, args.input)
+
+        def reference() -> None:
+            out, _ = lstm(x)
+            out.sum().backward()
+        runs = {"plain": window_matmuls(hid, args.input, args.batch, args.steps, False),
+                "flipout": window_matmuls(hid, args.input, args.batch, args.steps, True)}
+        times: dict[str, list[float]] = {"ref": [], "plain": [], "flipout": []}
+        ratios: dict[str, list[float]] = {"plain": [], "flipout": []}
+        for fn in (reference, *runs.values()):  # warm-up
+            fn()
+        for _ in range(args.repeats):
+            before = once_ms(reference)
+            for name, fn in runs.items():
+                t = once_ms(fn)
+                after = once_ms(reference)
+                times[name].append(t)
+                times["ref"] += [before, after]
+                ratios[name].append((before + after) / 2 / t)
+                before = after
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"{hid:>6} {med['ref']:>11.1f} {med['plain']:>9.1f} {med['flipout']:>11.1f} "
+              f"{statistics.median(ratios['plain']):>12.2f} {statistics.median(ratios['flipout']):>14.2f}")
 
 
 if __name__ == "__main__":

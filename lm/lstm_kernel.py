@@ -19,8 +19,9 @@ that is T large outer products and T passes over a ``4H x H`` buffer. The window
 * leaves per step only the unavoidable matmuls (forward ``h̃ W_hhᵀ``, backward ``dgates W_hh``;
   with flipout the ``ΔŴ`` products ride in the same ``torch.bmm``) and element-wise ops into
   preallocated buffers. On CPU the small per-step matmuls are split into two independent blocks
-  of one ``bmm`` and the element-wise ops run on one thread (:class:`_Threads`), which keeps a
-  loaded machine from stalling every op on a descheduled thread.
+  of one ``bmm``. The kernel leaves torch's thread setting alone: switching to one thread for
+  the element-wise ops (tried) cost 1-4% on an idle 2-core machine, because every switch
+  re-forms the OpenMP team of the next matmul.
 """
 
 from __future__ import annotations
@@ -60,36 +61,6 @@ def _gemm_parts(w: torch.Tensor) -> int:
     return 2 if w.device.type == "cpu" else 1
 
 
-class _Threads:
-    """CPU threading of the loop: its element-wise ops on one thread, its matmuls on all.
-
-    The loop's element-wise ops touch ``(B, H)``-sized tensors; as parallel regions they save
-    microseconds on an idle machine but wait for a descheduled thread (milliseconds) on a busy one.
-    ``with _Threads(device) as th:`` makes torch single-threaded; ``th.many()`` / ``th.one()``
-    bracket each matmul. The caller's setting is restored on exit. No-op off CPU, with 1 thread, or
-    without OpenMP (PyTorch's native thread pool cannot be resized once started).
-    """
-
-    def __init__(self, device: torch.device) -> None:
-        cpu_omp = device.type == "cpu" and torch.backends.openmp.is_available()
-        self.n = torch.get_num_threads() if cpu_omp else 1
-
-    def __enter__(self) -> "_Threads":
-        self.one()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.many()
-
-    def many(self) -> None:
-        if self.n > 1:
-            torch.set_num_threads(self.n)
-
-    def one(self) -> None:
-        if self.n > 1:
-            torch.set_num_threads(1)
-
-
 class _GateMatmul:
     """Per step, the gate pre-activations ``x̂_t + h̃ W_hhᵀ + ((h̃ ∘ s) ΔŴᵀ) ∘ r`` in a reused buffer.
 
@@ -98,10 +69,9 @@ class _GateMatmul:
     gate views [i, f, g, o], :attr:`if_block` i and f as one view.
     """
 
-    def __init__(self, w: torch.Tensor, stacked: torch.Tensor | None, batch: int, parts: int,
-                 threads: _Threads) -> None:
+    def __init__(self, w: torch.Tensor, stacked: torch.Tensor | None, batch: int, parts: int) -> None:
         h4, hid = w.shape
-        self.parts, self.flip, self.threads = parts, stacked is not None, threads
+        self.parts, self.flip = parts, stacked is not None
         if self.flip:
             self.weights = stacked.transpose(1, 2)  # (2, H, 4H)
             self.prod = w.new_empty(2, batch, h4)
@@ -124,14 +94,12 @@ class _GateMatmul:
 
     def __call__(self, xt: torch.Tensor, left: torch.Tensor, r: torch.Tensor | None) -> None:
         """``left``: ``h̃`` ``(B, H)``, or ``[h̃, h̃ ∘ s]`` ``(2, B, H)`` with flipout."""
-        self.threads.many()
         if self.flip:
             torch.bmm(left, self.weights, out=self.prod)
         elif self.parts > 1:
             torch.bmm(left.expand(self.parts, *left.shape), self.weights, out=self.buf)
         else:
             torch.addmm(xt, left, self.w_t, out=self.buf)
-        self.threads.one()
         if self.flip:
             torch.add(xt, self.prod[0], out=self.buf).addcmul_(self.prod[1], r)
         elif self.parts > 1:
@@ -142,10 +110,9 @@ class _HiddenGrad:
     """Per step, ``dh̃ = dgates W_hh + ((dgates ∘ r) ΔŴ) ∘ s`` (flipout: one ``bmm`` by the stacked
     ``[W_hh, ΔŴ]``; else ``parts`` row blocks of ``W_hh`` whose partial products are summed)."""
 
-    def __init__(self, w: torch.Tensor, stacked: torch.Tensor | None, batch: int, parts: int,
-                 threads: _Threads) -> None:
+    def __init__(self, w: torch.Tensor, stacked: torch.Tensor | None, batch: int, parts: int) -> None:
         h4, hid = w.shape
-        self.w, self.stacked, self.parts, self.threads = w, stacked, parts, threads
+        self.w, self.stacked, self.parts = w, stacked, parts
         self.out = w.new_empty(batch, hid)
         if stacked is not None:
             self.left = w.new_empty(2, batch, h4)
@@ -158,14 +125,12 @@ class _HiddenGrad:
         if self.stacked is not None:
             self.left[0].copy_(dgt)
             torch.mul(dgt, r, out=self.left[1])
-        self.threads.many()
         if self.stacked is not None:
             torch.bmm(self.left, self.stacked, out=self.prod)
         elif self.parts > 1:
             torch.bmm(dgt.view(dgt.size(0), self.parts, -1).transpose(0, 1), self.blocks, out=self.prod)
         else:
             torch.mm(dgt, self.w, out=self.out)
-        self.threads.one()
         if self.stacked is not None:
             return torch.addcmul(self.prod[0], self.prod[1], s, out=self.out)
         if self.parts > 1:
@@ -174,9 +139,7 @@ class _HiddenGrad:
 
     def addmm(self, base: torch.Tensor, dgt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``base + dgates W_hh`` in one call (one part, no flipout)."""
-        self.threads.many()
         torch.addmm(base, dgt, self.w, out=out)
-        self.threads.one()
         return out
 
 
@@ -215,54 +178,52 @@ def _window_forward(xproj, h0, c0, w, stacked, s, r, mask, cell, zc, zh, save: b
         left_all = None
     s_t, r_t, cell_t = _steps(s, steps), _steps(r, steps), _steps(cell, steps)
     zc_t, zh_t = _steps(zc, steps), _steps(zh, steps)
-    threads = _Threads(xproj.device)
-    gates = _GateMatmul(w, stacked, batch, _gemm_parts(w), threads)
+    gates = _GateMatmul(w, stacked, batch, _gemm_parts(w))
     gi, gf, gg, go = gates.gates
     u, v, tc, gp_buf, w_buf = (new(batch, hid) for _ in range(5))
     c_bufs = (new(batch, hid), new(batch, hid))
     cn_buf = new(batch, hid) if zc is not None else None
     hn_buf = new(batch, hid) if zh is not None else None
     c = c0
-    with threads:
-        for t in range(steps):
-            h = hs[t]
-            if flip:
-                lt = lefts[t]
-                hr = torch.mul(h, mask, out=lt[0]) if mask is not None else lt[0].copy_(h)
-                torch.mul(hr, s_t[t], out=lt[1])
-            else:
-                lt = h if mask is None else torch.mul(h, mask, out=lefts[t])
-            gates(xs[t], lt, r_t[t])
-            gates.if_block.sigmoid_()
-            gg.tanh_()
-            go.sigmoid_()
-            gp = gg if cell is None else torch.mul(gg, cell_t[t], out=gp_buf)
-            torch.mul(gi, gp, out=u)
-            torch.mul(gf, c, out=v)
-            c_next = c_bufs[t % 2]
-            cn = torch.add(v, u, out=c_next if zc is None else cn_buf)
-            torch.tanh(cn, out=tc)
-            hn = torch.mul(go, tc, out=hs[t + 1] if zh is None else hn_buf)
-            if save:
-                torch.addcmul(u, u, gi, value=-1, out=fis[t])  # i(1-i) g̃
-                torch.addcmul(v, v, gf, value=-1, out=ffs[t])  # f(1-f) c_{t-1}
-                torch.addcmul(gi, torch.mul(gi, gg, out=w_buf), gg, value=-1, out=fgs[t])  # i(1-g²)
-                if cell is not None:
-                    fgs[t].mul_(cell_t[t])
-                torch.addcmul(hn, hn, go, value=-1, out=fos[t])  # o(1-o) tanh(c̃)
-                torch.addcmul(go, hn, tc, value=-1, out=bcs[t])  # o(1-tanh²(c̃))
-                fts[t].copy_(gf)
-                if isinstance(zh, torch.Tensor):  # times (1 - z^h)
-                    fos[t].addcmul_(fos[t], zh_t[t], value=-1)
-                    bcs[t].addcmul_(bcs[t], zh_t[t], value=-1)
-                elif zh is not None:
-                    fos[t].mul_(1 - zh)
-                    bcs[t].mul_(1 - zh)
-            if zc is not None:
-                torch.lerp(cn, c, zc_t[t], out=c_next)
-            if zh is not None:
-                torch.lerp(hn, h, zh_t[t], out=hs[t + 1])
-            c = c_next
+    for t in range(steps):
+        h = hs[t]
+        if flip:
+            lt = lefts[t]
+            hr = torch.mul(h, mask, out=lt[0]) if mask is not None else lt[0].copy_(h)
+            torch.mul(hr, s_t[t], out=lt[1])
+        else:
+            lt = h if mask is None else torch.mul(h, mask, out=lefts[t])
+        gates(xs[t], lt, r_t[t])
+        gates.if_block.sigmoid_()
+        gg.tanh_()
+        go.sigmoid_()
+        gp = gg if cell is None else torch.mul(gg, cell_t[t], out=gp_buf)
+        torch.mul(gi, gp, out=u)
+        torch.mul(gf, c, out=v)
+        c_next = c_bufs[t % 2]
+        cn = torch.add(v, u, out=c_next if zc is None else cn_buf)
+        torch.tanh(cn, out=tc)
+        hn = torch.mul(go, tc, out=hs[t + 1] if zh is None else hn_buf)
+        if save:
+            torch.addcmul(u, u, gi, value=-1, out=fis[t])  # i(1-i) g̃
+            torch.addcmul(v, v, gf, value=-1, out=ffs[t])  # f(1-f) c_{t-1}
+            torch.addcmul(gi, torch.mul(gi, gg, out=w_buf), gg, value=-1, out=fgs[t])  # i(1-g²)
+            if cell is not None:
+                fgs[t].mul_(cell_t[t])
+            torch.addcmul(hn, hn, go, value=-1, out=fos[t])  # o(1-o) tanh(c̃)
+            torch.addcmul(go, hn, tc, value=-1, out=bcs[t])  # o(1-tanh²(c̃))
+            fts[t].copy_(gf)
+            if isinstance(zh, torch.Tensor):  # times (1 - z^h)
+                fos[t].addcmul_(fos[t], zh_t[t], value=-1)
+                bcs[t].addcmul_(bcs[t], zh_t[t], value=-1)
+            elif zh is not None:
+                fos[t].mul_(1 - zh)
+                bcs[t].mul_(1 - zh)
+        if zc is not None:
+            torch.lerp(cn, c, zc_t[t], out=c_next)
+        if zh is not None:
+            torch.lerp(hn, h, zh_t[t], out=hs[t + 1])
+        c = c_next
     return hall, c, fac, aux, left_all
 
 
@@ -307,40 +268,38 @@ class _LSTMWindow(torch.autograd.Function):
         keep_c = 1 - zc if zc is not None else None
         keep_c_t = _steps(keep_c, steps)
         d_hs = d_hall.unbind(0)
-        threads = _Threads(fac.device)
-        grad_h = _HiddenGrad(w, stacked, batch, _gemm_parts(w), threads)
+        grad_h = _HiddenGrad(w, stacked, batch, _gemm_parts(w))
         new = lambda: fac.new_empty(batch, hid)  # noqa: E731
         dcn = new()
         dc_bufs, dh_bufs = (new(), new()), (new(), new())
         fused = mask is None and stacked is None and grad_h.parts == 1
         dh, dc = d_hs[steps], d_c
-        with threads:
-            for t in range(steps - 1, -1, -1):
-                dgt = fac_steps[t]
-                fos[t].mul_(dh)  # d o
-                torch.mul(dh, bcs[t], out=dcn)
-                if zc is None:
-                    dcn.add_(dc)
-                elif isinstance(zc, torch.Tensor):
-                    dcn.addcmul_(dc, keep_c_t[t])
+        for t in range(steps - 1, -1, -1):
+            dgt = fac_steps[t]
+            fos[t].mul_(dh)  # d o
+            torch.mul(dh, bcs[t], out=dcn)
+            if zc is None:
+                dcn.add_(dc)
+            elif isinstance(zc, torch.Tensor):
+                dcn.addcmul_(dc, keep_c_t[t])
+            else:
+                dcn.add_(dc, alpha=keep_c)
+            f3s[t].mul_(dcn.unsqueeze(1))  # d i, d f, d g
+            dc_prev = torch.mul(dcn, fts[t], out=dc_bufs[t % 2])
+            if zc is not None:
+                dc_prev.addcmul_(dc, zc_t[t]) if isinstance(zc, torch.Tensor) else dc_prev.add_(dc, alpha=zc)
+            dh_prev = dh_bufs[t % 2]
+            if fused:
+                grad_h.addmm(d_hs[t], dgt, dh_prev)
+            else:
+                dhr = grad_h(dgt, r_t[t], s_t[t])
+                if mask is None:
+                    torch.add(d_hs[t], dhr, out=dh_prev)
                 else:
-                    dcn.add_(dc, alpha=keep_c)
-                f3s[t].mul_(dcn.unsqueeze(1))  # d i, d f, d g
-                dc_prev = torch.mul(dcn, fts[t], out=dc_bufs[t % 2])
-                if zc is not None:
-                    dc_prev.addcmul_(dc, zc_t[t]) if isinstance(zc, torch.Tensor) else dc_prev.add_(dc, alpha=zc)
-                dh_prev = dh_bufs[t % 2]
-                if fused:
-                    grad_h.addmm(d_hs[t], dgt, dh_prev)
-                else:
-                    dhr = grad_h(dgt, r_t[t], s_t[t])
-                    if mask is None:
-                        torch.add(d_hs[t], dhr, out=dh_prev)
-                    else:
-                        torch.addcmul(d_hs[t], dhr, mask, out=dh_prev)
-                if zh is not None:
-                    dh_prev.addcmul_(dh, zh_t[t]) if isinstance(zh, torch.Tensor) else dh_prev.add_(dh, alpha=zh)
-                dh, dc = dh_prev, dc_prev
+                    torch.addcmul(d_hs[t], dhr, mask, out=dh_prev)
+            if zh is not None:
+                dh_prev.addcmul_(dh, zh_t[t]) if isinstance(zh, torch.Tensor) else dh_prev.add_(dh, alpha=zh)
+            dh, dc = dh_prev, dc_prev
 
         need = ctx.needs_input_grad
         d_gates = fac.view(-1, h4)

@@ -51,11 +51,26 @@ def test_unknown_names_are_rejected(throughput):
         throughput.main(["--tiny", "--sizes", "byte"])
 
 
-def test_flipout_gemm_probe_prints_a_row_per_size(capsys):
+@pytest.fixture(scope="module")
+def flipout_gemm():
     spec = importlib.util.spec_from_file_location("bench_flipout_gemm", ROOT / "bench" / "flipout_gemm.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_flipout_gemm_probe_prints_a_row_per_size(flipout_gemm, capsys):
+    module = flipout_gemm
     assert module.main(["--sizes", "8", "16", "--batch", "2", "--threads", "1", "--repeats", "2"]) == 0
     rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
     assert [int(r[0]) for r in rows] == [8, 16]
     assert all(float(r[2]) >= 0 and float(r[3]) >= 0 and float(r[4]) > 0 for r in rows)  # ms round to 0 at tiny H
+
+
+def test_flipout_gemm_window_floor_prints_both_ratios(flipout_gemm, capsys):
+    module = flipout_gemm
+    assert module.main(["--window", "--sizes", "8", "--batch", "2", "--steps", "3", "--input", "5",
+                        "--threads", "1", "--repeats", "2"]) == 0
+    rows = [line.split() for line in capsys.readouterr().out.splitlines()[2:]]
+    assert len(rows) == 1 and int(rows[0][0]) == 8
+    assert all(float(v) > 0 for v in rows[0][4:6])  # the two floors: nn.LSTM time over matmul-only time

@@ -96,7 +96,7 @@ def test_every_matmul_split_matches_reference(monkeypatch, parts, hidden, flip, 
 
 
 def test_thread_setting_is_restored():
-    """The kernel runs its element-wise ops on one thread and must hand back the caller's setting."""
+    """The kernel must leave the caller's torch thread setting as it found it."""
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
