@@ -1,7 +1,7 @@
 """Small statistics helpers with no SciPy dependency.
 
 * Welch's t-test for seed comparisons (:mod:`lm.study_report`);
-* t quantiles, ``a + b/N`` fits and group summaries for ``bench/variance.py``.
+* t quantiles (the CDF inverted), ``a + b/N`` fits and group summaries for ``bench/variance.py``.
 
 The two-sided p-value uses the Student t CDF written through the regularized incomplete beta
 function, ``P(|T| > t) = I_{df/(df+t^2)}(df/2, 1/2)``, evaluated with Lentz's continued fraction.
@@ -81,20 +81,23 @@ def welch(a: Sequence[float], b: Sequence[float]) -> Welch:
     return Welch(diff, se, t, df, t_two_sided_p(t, df))
 
 
-# t_{0.95, df} for df = 1..30 (two-sided 90% intervals).
-_T95 = (6.314, 2.920, 2.353, 2.132, 2.015, 1.943, 1.895, 1.860, 1.833, 1.812, 1.796, 1.782, 1.771, 1.761,
-        1.753, 1.746, 1.740, 1.734, 1.729, 1.725, 1.721, 1.717, 1.714, 1.711, 1.708, 1.706, 1.703, 1.701,
-        1.699, 1.697)
-
-
-def t95(df: int) -> float:
-    """Upper 5% point of Student's t with ``df`` degrees of freedom (table, then Cornish-Fisher)."""
-    if df < 1:
+def t_quantile(q: float, df: float) -> float:
+    """Upper ``q`` point of Student's t (``P(T > t) = q``, ``0 < q < 1/2``): the t CDF above, inverted
+    by bisection on ``t`` (the two-sided p-value falls monotonically in ``|t|``) to 1e-12."""
+    if df <= 0 or not 0.0 < q < 0.5:
         return math.nan
-    if df <= len(_T95):
-        return _T95[df - 1]
-    z = 1.6448536269514722
-    return z + (z ** 3 + z) / (4 * df) + (5 * z ** 5 + 16 * z ** 3 + 3 * z) / (96 * df ** 2)
+    lo, hi = 0.0, 1.0
+    while t_two_sided_p(hi, df) > 2 * q:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1e-12 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_two_sided_p(mid, df) > 2 * q else (lo, mid)
+    return (lo + hi) / 2
+
+
+def t95(df: float) -> float:
+    """Upper 5% point of Student's t with ``df`` degrees of freedom (two-sided 90% intervals)."""
+    return t_quantile(0.05, df)
 
 
 # -- bench/variance.py: variance against mini-batch size ------------------------------------

@@ -8,7 +8,7 @@ import random
 import pytest
 
 from lm.errors import run_cli
-from lm.stats import betainc, t_two_sided_p, welch
+from lm.stats import betainc, t95, t_quantile, t_two_sided_p, welch
 from lm.study_report import kendall_tau, main as report_main
 from tests.test_compare import fake_run
 
@@ -18,6 +18,21 @@ from tests.test_compare import fake_run
                                       (2.228, 10, 0.05), (0.0, 3, 1.0)])
 def test_t_p_values_match_tables(t, df, p):
     assert t_two_sided_p(t, df) == pytest.approx(p, abs=2e-4)
+
+
+# Upper 5% and 2.5% points from standard tables (3 decimals, so within 5e-4 plus rounding).
+@pytest.mark.parametrize("df, upper5, upper25", [(1, 6.314, 12.706), (2, 2.920, 4.303), (5, 2.015, 2.571),
+                                                 (10, 1.812, 2.228), (30, 1.697, 2.042), (120, 1.658, 1.980)])
+def test_t_quantiles_match_tables(df, upper5, upper25):
+    assert t95(df) == pytest.approx(upper5, abs=6e-4)
+    assert t_quantile(0.025, df) == pytest.approx(upper25, abs=6e-4)
+
+
+def test_t_quantile_inverts_the_cdf_and_reaches_the_normal_limit():
+    for df in (1.5, 3, 7.3, 40):
+        assert t_two_sided_p(t95(df), df) == pytest.approx(0.10, abs=1e-9)
+    assert t95(1e7) == pytest.approx(1.6448536, abs=1e-5)
+    assert math.isnan(t95(0)) and math.isnan(t_quantile(0.7, 5))
 
 
 def test_betainc_symmetry_and_uniform_case():
