@@ -12,10 +12,11 @@ once does not, the ratio drops below 0.5 and no kernel that keeps ``W_hh`` and `
 reach the compute bound.
 
 With ``--window``, it instead measures the *matmul floor of a whole training window* at one
-size: the per-step matmuls exactly as :mod:`lm.lstm_kernel` issues them (``_GateMatmul`` forward,
-``_HiddenGrad`` backward, T of each) plus the window-wide weight-gradient matmuls, with no other
-work, against ``nn.LSTM``'s forward + backward of the same layer (oneDNN on CPU). The ratio
-``nn.LSTM / matmuls only`` is the best training ratio a window kernel built on these matmuls can
+size, for each backend of :mod:`lm.lstm_matmul` (``bmm``; ``packed`` where oneDNN works): the
+per-step matmuls exactly as the window kernel issues them (``GateMatmul`` forward,
+``HiddenGrad`` backward, T of each, weight reorders included) plus the input projection and the
+window-wide weight-gradient matmuls, with no other work, against ``nn.LSTM``'s forward +
+backward of the same layer (oneDNN on CPU). The ratio ``nn.LSTM / matmuls only`` is the best training ratio a window kernel built on these matmuls can
 reach: element-wise work, mask draws and Python only lower it. Timings are interleaved
 (R, plain, R, flipout, R, ...) and the median of the per-round ratios is printed.
 
@@ -36,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lm.lstm_kernel import _GateMatmul, _HiddenGrad, _gemm_parts  # noqa: E402
+from lm import lstm_matmul  # noqa: E402
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:
@@ -99,35 +100,44 @@ def table(args: argparse.Namespace) -> None:
         print(f"{hid:>6} {mib:>9.1f} {single:>8.3f} {flip:>12.3f} {single / flip:>6.2f}")
 
 
-def window_matmuls(hid: int, inp: int, batch: int, steps: int, flip: bool) -> Callable[[], None]:
+def window_matmuls(hid: int, inp: int, batch: int, steps: int, flip: bool, packed: bool) -> Callable[[], None]:
     """One window's matmuls as the layer issues them, nothing else (inputs are random): the input
     projection and its two gradients (one matmul each over the window), the kernel's per-step
-    products, and the window-wide ``dW_hh`` (and ``dΔŴ``)."""
+    products with their setup (the oneDNN weight reorders of the ``packed`` backend included), and
+    the window-wide ``dW_hh`` (and ``dΔŴ``)."""
     w = torch.randn(4 * hid, hid) / hid ** 0.5
+    delta = torch.randn_like(w) if flip else None
     w_ih, x = torch.randn(4 * hid, inp), torch.randn(steps * batch, inp)
-    stacked = torch.stack((w, torch.randn_like(w))) if flip else None
-    gates, grad_h = _GateMatmul(w, stacked, batch, _gemm_parts(w)), _HiddenGrad(w, stacked, batch, _gemm_parts(w))
     xt, r = torch.randn(batch, 4 * hid), torch.ones(batch, 4 * hid)
     left = torch.randn(2, batch, hid) if flip else torch.randn(batch, hid)
-    s, dgt = torch.ones(batch, hid), torch.randn(batch, 4 * hid)
+    s, base, dgt, out = torch.ones(batch, hid), torch.zeros(batch, hid), torch.randn(batch, 4 * hid), torch.empty(batch, hid)
     d_gates, h_all = torch.randn(steps * batch, 4 * hid), torch.randn(steps * batch, hid)
 
     def run() -> None:
-        x.mm(w_ih.t())
-        for _ in range(steps):
-            gates(xt, left, r)
-        for _ in range(steps):
-            grad_h(dgt, r, s)
-        for _ in range(2 if flip else 1):  # dW_hh, and dΔŴ
-            d_gates.t().mm(h_all)
-        d_gates.mm(w_ih), d_gates.t().mm(x)  # d input, dW_ih
+        before = lstm_matmul.PACKED
+        lstm_matmul.PACKED = None if packed else False
+        try:
+            x.mm(w_ih.t())
+            gates = lstm_matmul.GateMatmul(w, delta, batch)
+            for _ in range(steps):
+                gates(xt, left, r)
+            grad_h = lstm_matmul.HiddenGrad(w, delta, None, batch)
+            for _ in range(steps):
+                grad_h(base, dgt, r, s, out)
+            for _ in range(2 if flip else 1):  # dW_hh, and dΔŴ
+                d_gates.t().mm(h_all)
+            d_gates.mm(w_ih), d_gates.t().mm(x)  # d input, dW_ih
+        finally:
+            lstm_matmul.PACKED = before
     return run
 
 
 def window_table(args: argparse.Namespace) -> None:
+    backends = ["bmm"] + (["packed"] if lstm_matmul.onednn_linear_available() else [])
     print(f"threads {torch.get_num_threads()}, batch {args.batch}, window {args.steps}, "
           f"last-level cache {last_level_cache()}, {args.repeats} rounds")
-    print(f"{'H':>6} {'nn.LSTM ms':>11} {'plain ms':>9} {'flipout ms':>11} {'plain floor':>12} {'flipout floor':>14}")
+    print(f"{'H':>6} {'backend':>8} {'nn.LSTM ms':>11} {'plain ms':>9} {'flipout ms':>11} {'plain floor':>12} "
+          f"{'flipout floor':>14}")
     for hid in args.sizes:
         torch.manual_seed(0)
         lstm = torch.nn.LSTM(args.input, hid)
@@ -136,24 +146,26 @@ def window_table(args: argparse.Namespace) -> None:
         def reference() -> None:
             out, _ = lstm(x)
             out.sum().backward()
-        runs = {"plain": window_matmuls(hid, args.input, args.batch, args.steps, False),
-                "flipout": window_matmuls(hid, args.input, args.batch, args.steps, True)}
-        times: dict[str, list[float]] = {"ref": [], "plain": [], "flipout": []}
-        ratios: dict[str, list[float]] = {"plain": [], "flipout": []}
+        runs = {(kind, b): window_matmuls(hid, args.input, args.batch, args.steps, kind == "flipout", b == "packed")
+                for b in backends for kind in ("plain", "flipout")}
+        ref_times: list[float] = []
+        times: dict[tuple, list[float]] = {k: [] for k in runs}
+        ratios: dict[tuple, list[float]] = {k: [] for k in runs}
         for fn in (reference, *runs.values()):  # warm-up
             fn()
         for _ in range(args.repeats):
             before = once_ms(reference)
-            for name, fn in runs.items():
+            for key, fn in runs.items():
                 t = once_ms(fn)
                 after = once_ms(reference)
-                times[name].append(t)
-                times["ref"] += [before, after]
-                ratios[name].append((before + after) / 2 / t)
+                times[key].append(t)
+                ref_times += [before, after]
+                ratios[key].append((before + after) / 2 / t)
                 before = after
-        med = {k: statistics.median(v) for k, v in times.items()}
-        print(f"{hid:>6} {med['ref']:>11.1f} {med['plain']:>9.1f} {med['flipout']:>11.1f} "
-              f"{statistics.median(ratios['plain']):>12.2f} {statistics.median(ratios['flipout']):>14.2f}")
+        med = lambda v: statistics.median(v)  # noqa: E731
+        for b in backends:
+            print(f"{hid:>6} {b:>8} {med(ref_times):>11.1f} {med(times['plain', b]):>9.1f} "
+                  f"{med(times['flipout', b]):>11.1f} {med(ratios['plain', b]):>12.2f} {med(ratios['flipout', b]):>14.2f}")
 
 
 if __name__ == "__main__":

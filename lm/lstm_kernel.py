@@ -16,12 +16,11 @@ that is T large outer products and T passes over a ``4H x H`` buffer. The window
   one ``(T, B, 4H)`` buffer (plus ``(T, B, 2H)``), which backward turns into the gate gradients
   in place: memory stays linear in T and below nn.LSTM's, and the backward step is a handful
   of element-wise ops and one matmul;
-* leaves per step only the unavoidable matmuls (forward ``h̃ W_hhᵀ``, backward ``dgates W_hh``;
-  with flipout the ``ΔŴ`` products ride in the same ``torch.bmm``) and element-wise ops into
-  preallocated buffers. On CPU the small per-step matmuls are split into two independent blocks
-  of one ``bmm``. The kernel leaves torch's thread setting alone: switching to one thread for
-  the element-wise ops (tried) cost 1-4% on an idle 2-core machine, because every switch
-  re-forms the OpenMP team of the next matmul.
+* leaves per step only the unavoidable matmuls (forward ``h̃ W_hhᵀ``, backward ``dgates W_hh``,
+  and the ``ΔŴ`` products with flipout; backends in :mod:`lm.lstm_matmul`) and element-wise ops
+  into preallocated buffers. The kernel leaves torch's thread setting alone: switching to one
+  thread for the element-wise ops (tried) cost 1-4% on an idle 2-core machine, because every
+  switch re-forms the OpenMP team of the next matmul.
 """
 
 from __future__ import annotations
@@ -29,6 +28,8 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 import torch
+
+from lm.lstm_matmul import GateMatmul, HiddenGrad
 
 if TYPE_CHECKING:  # only for annotations: lm.lstm imports this module
     from lm.flipout import Flip
@@ -47,104 +48,8 @@ def _steps(x, steps: int) -> list:
     return [x] * steps
 
 
-GEMM_PARTS: int | None = None
-"""Independent blocks the per-step matmuls are split into (1, 2 or 4); None picks :func:`_gemm_parts`."""
-
-
-def _gemm_parts(w: torch.Tensor) -> int:
-    """2 on CPU, 1 elsewhere. The per-step matmuls are small (``B`` rows); split into two
-    column (forward) or row (backward) blocks and run as one ``torch.bmm``, each thread computes
-    a whole block instead of all threads synchronising inside every small GEMM. On 2 busy cores
-    that halves their time; on one thread it costs nothing (measured in docs/performance_throughput.md)."""
-    if GEMM_PARTS is not None:
-        return GEMM_PARTS
-    return 2 if w.device.type == "cpu" else 1
-
-
-class _GateMatmul:
-    """Per step, the gate pre-activations ``x̂_t + h̃ W_hhᵀ + ((h̃ ∘ s) ΔŴᵀ) ∘ r`` in a reused buffer.
-
-    Layouts: with flipout, one ``bmm`` of ``[h̃, h̃ ∘ s]`` by ``stacked = [W_hh, ΔŴ]`` transposed;
-    without, ``parts`` column blocks of ``W_hhᵀ`` (views). :attr:`gates` are the four ``(B, H)``
-    gate views [i, f, g, o], :attr:`if_block` i and f as one view.
-    """
-
-    def __init__(self, w: torch.Tensor, stacked: torch.Tensor | None, batch: int, parts: int) -> None:
-        h4, hid = w.shape
-        self.parts, self.flip = parts, stacked is not None
-        if self.flip:
-            self.weights = stacked.transpose(1, 2)  # (2, H, 4H)
-            self.prod = w.new_empty(2, batch, h4)
-            buf = w.new_empty(batch, h4)
-        elif parts > 1:
-            self.weights = w.view(parts, h4 // parts, hid).transpose(1, 2)  # (P, H, 4H/P)
-            buf = w.new_empty(parts, batch, h4 // parts)
-        else:
-            self.w_t = w.t()
-            buf = w.new_empty(batch, h4)
-        self.buf = buf
-        if buf.dim() == 2 or parts == 1:
-            v = buf.view(batch, 4, hid)
-            self.gates = v.unbind(1)
-            self.if_block = v[:, :2]
-        else:
-            v = buf.view(parts, batch, 4 // parts, hid)
-            self.gates = tuple(v[j // (4 // parts), :, j % (4 // parts)] for j in range(4))
-            self.if_block = v[0] if parts == 2 else v[:2, :, 0]
-
-    def __call__(self, xt: torch.Tensor, left: torch.Tensor, r: torch.Tensor | None) -> None:
-        """``left``: ``h̃`` ``(B, H)``, or ``[h̃, h̃ ∘ s]`` ``(2, B, H)`` with flipout."""
-        if self.flip:
-            torch.bmm(left, self.weights, out=self.prod)
-        elif self.parts > 1:
-            torch.bmm(left.expand(self.parts, *left.shape), self.weights, out=self.buf)
-        else:
-            torch.addmm(xt, left, self.w_t, out=self.buf)
-        if self.flip:
-            torch.add(xt, self.prod[0], out=self.buf).addcmul_(self.prod[1], r)
-        elif self.parts > 1:
-            self.buf.add_(xt.view(left.size(0), self.parts, -1).transpose(0, 1))
-
-
-class _HiddenGrad:
-    """Per step, ``dh̃ = dgates W_hh + ((dgates ∘ r) ΔŴ) ∘ s`` (flipout: one ``bmm`` by the stacked
-    ``[W_hh, ΔŴ]``; else ``parts`` row blocks of ``W_hh`` whose partial products are summed)."""
-
-    def __init__(self, w: torch.Tensor, stacked: torch.Tensor | None, batch: int, parts: int) -> None:
-        h4, hid = w.shape
-        self.w, self.stacked, self.parts = w, stacked, parts
-        self.out = w.new_empty(batch, hid)
-        if stacked is not None:
-            self.left = w.new_empty(2, batch, h4)
-            self.prod = w.new_empty(2, batch, hid)
-        elif parts > 1:
-            self.blocks = w.view(parts, h4 // parts, hid)
-            self.prod = w.new_empty(parts, batch, hid)
-
-    def __call__(self, dgt: torch.Tensor, r: torch.Tensor | None, s: torch.Tensor | None) -> torch.Tensor:
-        if self.stacked is not None:
-            self.left[0].copy_(dgt)
-            torch.mul(dgt, r, out=self.left[1])
-        if self.stacked is not None:
-            torch.bmm(self.left, self.stacked, out=self.prod)
-        elif self.parts > 1:
-            torch.bmm(dgt.view(dgt.size(0), self.parts, -1).transpose(0, 1), self.blocks, out=self.prod)
-        else:
-            torch.mm(dgt, self.w, out=self.out)
-        if self.stacked is not None:
-            return torch.addcmul(self.prod[0], self.prod[1], s, out=self.out)
-        if self.parts > 1:
-            return torch.sum(self.prod, 0, out=self.out)
-        return self.out
-
-    def addmm(self, base: torch.Tensor, dgt: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """``base + dgates W_hh`` in one call (one part, no flipout)."""
-        torch.addmm(base, dgt, self.w, out=out)
-        return out
-
-
-def _window_forward(xproj, h0, c0, w, stacked, s, r, mask, cell, zc, zh, save: bool):
-    """The forward recurrence of one window (``stacked``: ``[W_hh, ΔŴ]`` ``(2, 4H, H)`` with flipout).
+def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, save: bool):
+    """The forward recurrence of one window (``delta``: ``ΔŴ`` ``(4H, H)`` with flipout, else None).
 
     Returns ``hall`` ``(T+1, B, H)`` (``h0``, then every ``h_t``), ``c_T``, and, when ``save``,
     what backward needs (else None): ``fac`` ``(T, B, 4H)``, the derivative factors of the four
@@ -167,7 +72,7 @@ def _window_forward(xproj, h0, c0, w, stacked, s, r, mask, cell, zc, zh, save: b
         fac, aux = new(steps, batch, h4), new(steps, batch, 2 * hid)
         fis, ffs, fgs, fos = (list(v.unbind(0)) for v in fac.view(steps, batch, 4, hid).unbind(2))
         bcs, fts = (list(v.unbind(0)) for v in aux.view(steps, batch, 2, hid).unbind(2))
-    flip = stacked is not None
+    flip = delta is not None
     if flip:
         left_all = new(2, steps if save else 1, batch, hid)
         lefts = list(left_all.unbind(1)) if save else [left_all[:, 0]] * steps
@@ -178,7 +83,7 @@ def _window_forward(xproj, h0, c0, w, stacked, s, r, mask, cell, zc, zh, save: b
         left_all = None
     s_t, r_t, cell_t = _steps(s, steps), _steps(r, steps), _steps(cell, steps)
     zc_t, zh_t = _steps(zc, steps), _steps(zh, steps)
-    gates = _GateMatmul(w, stacked, batch, _gemm_parts(w))
+    gates = GateMatmul(w, delta, batch)
     gi, gf, gg, go = gates.gates
     u, v, tc, gp_buf, w_buf = (new(batch, hid) for _ in range(5))
     c_bufs = (new(batch, hid), new(batch, hid))
@@ -238,17 +143,16 @@ class _LSTMWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh):
-        stacked = torch.stack((w, delta)) if delta is not None else None
-        hall, c, fac, aux, left = _window_forward(xproj, h0, c0, w, stacked, s, r, mask, cell, zc, zh, save=True)
+        hall, c, fac, aux, left = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, save=True)
         zc_t, zh_t = (z if isinstance(z, torch.Tensor) else None for z in (zc, zh))
-        ctx.save_for_backward(hall, fac, aux, left, w, stacked, s, r, mask, zc_t, zh_t)
+        ctx.save_for_backward(hall, fac, aux, left, w, delta, s, r, mask, zc_t, zh_t)
         ctx.zone = (zc, zh) if zc_t is None or zh_t is None else None  # floats (eval expectation) or None
         return hall, c
 
     @staticmethod
     def backward(ctx, d_hall, d_c):
         try:
-            hall, fac, aux, left, w, stacked, s, r, mask, zc, zh = ctx.saved_tensors
+            hall, fac, aux, left, w, delta, s, r, mask, zc, zh = ctx.saved_tensors
         except RuntimeError as e:
             if "modified by an inplace operation" not in str(e):
                 raise
@@ -268,11 +172,10 @@ class _LSTMWindow(torch.autograd.Function):
         keep_c = 1 - zc if zc is not None else None
         keep_c_t = _steps(keep_c, steps)
         d_hs = d_hall.unbind(0)
-        grad_h = _HiddenGrad(w, stacked, batch, _gemm_parts(w))
+        grad_h = HiddenGrad(w, delta, mask, batch)
         new = lambda: fac.new_empty(batch, hid)  # noqa: E731
         dcn = new()
         dc_bufs, dh_bufs = (new(), new()), (new(), new())
-        fused = mask is None and stacked is None and grad_h.parts == 1
         dh, dc = d_hs[steps], d_c
         for t in range(steps - 1, -1, -1):
             dgt = fac_steps[t]
@@ -288,25 +191,17 @@ class _LSTMWindow(torch.autograd.Function):
             dc_prev = torch.mul(dcn, fts[t], out=dc_bufs[t % 2])
             if zc is not None:
                 dc_prev.addcmul_(dc, zc_t[t]) if isinstance(zc, torch.Tensor) else dc_prev.add_(dc, alpha=zc)
-            dh_prev = dh_bufs[t % 2]
-            if fused:
-                grad_h.addmm(d_hs[t], dgt, dh_prev)
-            else:
-                dhr = grad_h(dgt, r_t[t], s_t[t])
-                if mask is None:
-                    torch.add(d_hs[t], dhr, out=dh_prev)
-                else:
-                    torch.addcmul(d_hs[t], dhr, mask, out=dh_prev)
+            dh_prev = grad_h(d_hs[t], dgt, r_t[t], s_t[t], out=dh_bufs[t % 2])
             if zh is not None:
                 dh_prev.addcmul_(dh, zh_t[t]) if isinstance(zh, torch.Tensor) else dh_prev.add_(dh, alpha=zh)
             dh, dc = dh_prev, dc_prev
 
         need = ctx.needs_input_grad
         d_gates = fac.view(-1, h4)
-        hr = hall[:-1] if left is None else left[0] if stacked is not None else left
+        hr = hall[:-1] if left is None else left[0] if delta is not None else left
         d_w = d_gates.t().mm(hr.reshape(-1, hid)) if need[3] else None
         d_delta = None
-        if stacked is not None and need[4]:
+        if delta is not None and need[4]:
             # dΔ = Σ_t (dgates ∘ r)ᵀ (h̃ ∘ s): flip the signs of dgates in place and back (r ∘ r = 1 exactly)
             fac.mul_(r)
             d_delta = d_gates.t().mm(left[1].reshape(-1, hid))
@@ -324,6 +219,5 @@ def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor,
     if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
         hall, c = _LSTMWindow.apply(*args)
     else:
-        stacked = torch.stack((weight_hh, delta)) if delta is not None else None
-        hall, c = _window_forward(*args[:4], stacked, *args[5:], save=False)[:2]
+        hall, c = _window_forward(*args, save=False)[:2]
     return hall[1:], (hall[-1], c)

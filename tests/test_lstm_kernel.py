@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from lm import lstm_kernel
+from lm import lstm_matmul
 from lm.config import RegularizerConfig
 from lm.flipout import Flip, flipout_linear
 from lm.lstm import LSTMLayer, RecurrentNoise, WindowDraws, draw_window, lstm_window, reference_loop
@@ -71,10 +71,29 @@ def test_kernel_matches_reference_float64(hidden, flip, cell, zone):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-8, msg=lambda m: f"{name}: {m}")
 
 
-@pytest.mark.parametrize("hidden,flip,cell,zone", [(True, "per_window", True, "masks"),
-                                                   (False, "per_step", False, "expectation"),
-                                                   (False, "none", False, "off")])
-def test_kernel_matches_reference_float32(hidden, flip, cell, zone):
+needs_onednn = pytest.mark.skipif(not lstm_matmul.onednn_linear_available(),
+                                  reason="oneDNN's prepacked linear is not available in this torch build")
+
+
+@pytest.fixture(params=["packed", "bmm"], ids=lambda b: f"backend={b}")
+def backend(request, monkeypatch):
+    """Both backends of the per-step matmuls (lm.lstm_matmul); float32 on CPU picks 'packed' by default."""
+    if request.param == "packed" and not lstm_matmul.onednn_linear_available():
+        pytest.skip("oneDNN's prepacked linear is not available in this torch build")
+    monkeypatch.setattr(lstm_matmul, "PACKED", None if request.param == "packed" else False)
+    return request.param
+
+
+@needs_onednn
+def test_float32_on_cpu_uses_the_packed_backend():
+    w = torch.randn(4 * H, H)
+    assert lstm_matmul.GateMatmul(w, None, B).packed and lstm_matmul.HiddenGrad(w, w, None, B).packed
+    assert not lstm_matmul.GateMatmul(w.double(), None, B).packed  # float64 (the exact tests) uses bmm
+
+
+@pytest.mark.parametrize("hidden,flip,cell,zone", CASES,
+                         ids=[f"mask={m}-flip={f}-cell={c}-zoneout={z}" for m, f, c, z in CASES])
+def test_kernel_matches_reference_float32(backend, hidden, flip, cell, zone):
     inputs, draws = make_case(hidden, flip, cell, zone, dtype=torch.float32)
     fast, ref = run(lstm_window, inputs, draws), run(reference_loop, inputs, draws)
     for name, a, b in zip(NAMES, fast, ref):
@@ -88,7 +107,7 @@ def test_kernel_matches_reference_float32(hidden, flip, cell, zone):
                                                    (False, "per_step", False, "h only")])
 def test_every_matmul_split_matches_reference(monkeypatch, parts, hidden, flip, cell, zone):
     """The per-step matmuls split into 1 or 4 blocks (CPU default: 2, covered above)."""
-    monkeypatch.setattr(lstm_kernel, "GEMM_PARTS", parts)
+    monkeypatch.setattr(lstm_matmul, "GEMM_PARTS", parts)
     inputs, draws = make_case(hidden, flip, cell, zone)
     fast, ref = run(lstm_window, inputs, draws), run(reference_loop, inputs, draws)
     for name, a, b in zip(NAMES, fast, ref):
