@@ -6,10 +6,11 @@ Every step of a window multiplies a ``B``-row operand by the same weights: forwa
 
 * ``packed`` (CPU, float32, oneDNN present): each weight is reordered once per window into
   oneDNN's blocked layout (``torch.ops.mkldnn._reorder_linear_weight``, the op inductor uses
-  for frozen linear layers) and every step runs ``_linear_pointwise`` on it. The reorder costs
-  about 14 ms per 4000x1000 matrix and saves the per-call packing of the small GEMM. Measured
-  with paired, interleaved A/B runs (docs/performance_throughput.md): the flipout pair of
-  products is 17-22% faster than the ``bmm``, a plain product about 9% faster.
+  for frozen linear layers) and every step runs ``_linear_pointwise`` on it. Per 4000x1000
+  matrix the reorder costs about 2 ms for the forward layout and about 20 ms for the backward
+  one, which needs the transpose. It saves the small GEMM from packing the weights on every
+  call. Measured with paired, interleaved A/B runs (docs/performance_throughput.md): the flipout
+  pair of products is 17-22% faster than the ``bmm``, a plain product about 9% faster.
 * ``bmm`` (elsewhere: CUDA, float64, no oneDNN, or ``PACKED = False``): flipout's two products
   ride in one ``torch.bmm`` of ``[W_hh, ΔŴ]``; without flipout, on CPU, the product is split
   into ``GEMM_PARTS`` column (forward) or row (backward) blocks of one ``bmm``, so that each
