@@ -91,6 +91,21 @@ def test_float32_on_cpu_uses_the_packed_backend():
     assert not lstm_matmul.GateMatmul(w.double(), None, B).packed  # float64 (the exact tests) uses bmm
 
 
+def test_without_onednn_the_kernel_falls_back_to_bmm(monkeypatch):
+    """A torch without oneDNN (or with it switched off) must take the bmm backend, not fail."""
+    monkeypatch.setattr(torch.backends.mkldnn, "is_available", lambda: False)
+    lstm_matmul.onednn_linear_available.cache_clear()
+    try:
+        w = torch.randn(4 * H, H)
+        assert not lstm_matmul.use_packed(w) and not lstm_matmul.GateMatmul(w, w, B).packed
+        inputs, draws = make_case(True, "per_window", False, "masks", dtype=torch.float32)
+        fast, ref = run(lstm_window, inputs, draws), run(reference_loop, inputs, draws)
+        for name, a, b in zip(NAMES, fast, ref):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: {m}")
+    finally:
+        lstm_matmul.onednn_linear_available.cache_clear()
+
+
 @pytest.mark.parametrize("hidden,flip,cell,zone", CASES,
                          ids=[f"mask={m}-flip={f}-cell={c}-zoneout={z}" for m, f, c, z in CASES])
 def test_kernel_matches_reference_float32(backend, hidden, flip, cell, zone):
