@@ -36,7 +36,7 @@ GEMM_PARTS: int | None = None
 @functools.cache
 def onednn_linear_available() -> bool:
     """Whether oneDNN's prepacked linear ops exist and agree with ``mm`` here (probed once)."""
-    if not (torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled):
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
         g = torch.Generator().manual_seed(0)
@@ -49,9 +49,10 @@ def onednn_linear_available() -> bool:
 
 
 def use_packed(w: torch.Tensor) -> bool:
-    """The ``packed`` backend for this weight? (CPU, float32, oneDNN working, not switched off)."""
+    """The ``packed`` backend for this weight? (CPU, float32, oneDNN working and not switched off,
+    here or by ``torch.backends.mkldnn.enabled = False``)."""
     return (PACKED is not False and w.device.type == "cpu" and w.dtype == torch.float32
-            and onednn_linear_available())
+            and torch.backends.mkldnn.enabled and onednn_linear_available())
 
 
 def gemm_parts(w: torch.Tensor) -> int:
