@@ -35,6 +35,7 @@ if TYPE_CHECKING:  # only for annotations: lm.lstm imports this module
     from lm.flipout import Flip
     from lm.lstm import State, WindowDraws
 
+
 def _flip_parts(flip: Flip | None):
     if flip is None:
         return None, None, None
@@ -59,7 +60,8 @@ def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, save: boo
 
     ``aux`` ``(T, B, 2H)`` = ``[σ(o) tanh'(c̃) (1 - z^h),  σ(f)]``, and ``left`` the matmuls'
     left operands: ``h̃`` ``(T, B, H)`` (with a hidden mask) or ``[h̃, h̃ ∘ s]`` ``(2, T, B, H)``
-    (flipout); None when ``h̃ = h_{t-1}``.
+    (flipout); None when ``h̃ = h_{t-1}``. Last, the ``[W_hh, ΔŴ]`` stack the ``bmm`` backend
+    built for flipout (None otherwise), which backward reuses instead of stacking again.
     """
     steps, batch, h4 = xproj.shape
     hid = h4 // 4
@@ -129,7 +131,7 @@ def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, save: boo
         if zh is not None:
             torch.lerp(hn, h, zh_t[t], out=hs[t + 1])
         c = c_next
-    return hall, c, fac, aux, left_all
+    return hall, c, fac, aux, left_all, gates.stacked
 
 
 class _LSTMWindow(torch.autograd.Function):
@@ -143,16 +145,17 @@ class _LSTMWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh):
-        hall, c, fac, aux, left = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, save=True)
+        hall, c, fac, aux, left, stacked = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh,
+                                                           save=True)
         zc_t, zh_t = (z if isinstance(z, torch.Tensor) else None for z in (zc, zh))
-        ctx.save_for_backward(hall, fac, aux, left, w, delta, s, r, mask, zc_t, zh_t)
+        ctx.save_for_backward(hall, fac, aux, left, w, delta, stacked, s, r, mask, zc_t, zh_t)
         ctx.zone = (zc, zh) if zc_t is None or zh_t is None else None  # floats (eval expectation) or None
         return hall, c
 
     @staticmethod
     def backward(ctx, d_hall, d_c):
         try:
-            hall, fac, aux, left, w, delta, s, r, mask, zc, zh = ctx.saved_tensors
+            hall, fac, aux, left, w, delta, stacked, s, r, mask, zc, zh = ctx.saved_tensors
         except RuntimeError as e:
             if "modified by an inplace operation" not in str(e):
                 raise
@@ -172,7 +175,7 @@ class _LSTMWindow(torch.autograd.Function):
         keep_c = 1 - zc if zc is not None else None
         keep_c_t = _steps(keep_c, steps)
         d_hs = d_hall.unbind(0)
-        grad_h = HiddenGrad(w, delta, mask, batch)
+        grad_h = HiddenGrad(w, delta, mask, batch, stacked)
         new = lambda: fac.new_empty(batch, hid)  # noqa: E731
         dcn = new()
         dc_bufs, dh_bufs = (new(), new()), (new(), new())

@@ -85,10 +85,12 @@ class GateMatmul:
         h4, hid = w.shape
         self.flip, self.packed = delta is not None, use_packed(w)
         self.parts = 1 if self.packed or self.flip else gemm_parts(w)
+        self.stacked: torch.Tensor | None = None
         if self.packed:
             self.lin = [_Packed(m, batch) for m in ((w,) if delta is None else (w, delta))]
         elif self.flip:
-            self.weights = torch.stack((w, delta)).transpose(1, 2)  # (2, H, 4H)
+            self.stacked = torch.stack((w, delta))  # [W_hh, ΔŴ], reused by HiddenGrad
+            self.weights = self.stacked.transpose(1, 2)  # (2, H, 4H)
             self.prod = w.new_empty(2, batch, h4)
         elif self.parts > 1:
             self.weights = w.view(self.parts, h4 // self.parts, hid).transpose(1, 2)  # (P, H, 4H/P)
@@ -124,9 +126,11 @@ class GateMatmul:
 class HiddenGrad:
     """Per step, ``dh_{t-1} = base + m ∘ (dgates W_hh + ((dgates ∘ r) ΔŴ) ∘ s)`` into ``out``:
     ``base`` is the gradient reaching ``h_{t-1}`` from outside the recurrence, ``m`` the hidden
-    mask (``mask``, or 1), ``delta`` as in :class:`GateMatmul`."""
+    mask (``mask``, or 1), ``delta`` as in :class:`GateMatmul`, ``stacked`` the forward's
+    :attr:`GateMatmul.stacked` when it made one (else it is stacked here)."""
 
-    def __init__(self, w: torch.Tensor, delta: torch.Tensor | None, mask: torch.Tensor | None, batch: int) -> None:
+    def __init__(self, w: torch.Tensor, delta: torch.Tensor | None, mask: torch.Tensor | None, batch: int,
+                 stacked: torch.Tensor | None = None) -> None:
         h4, hid = w.shape
         self.flip, self.packed, self.mask = delta is not None, use_packed(w), mask
         self.parts = 1 if self.packed or self.flip else gemm_parts(w)
@@ -135,7 +139,7 @@ class HiddenGrad:
             self.lin = [_Packed(m.t(), batch) for m in ((w,) if delta is None else (w, delta))]
             self.signed = w.new_empty(batch, h4) if self.flip else None
         elif self.flip:
-            self.stacked = torch.stack((w, delta))
+            self.stacked = stacked if stacked is not None else torch.stack((w, delta))
             self.left, self.prod = w.new_empty(2, batch, h4), w.new_empty(2, batch, hid)
         elif self.parts > 1:
             self.blocks = w.view(self.parts, h4 // self.parts, hid)
