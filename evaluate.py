@@ -8,7 +8,7 @@ Also ``python evaluate.py compare RUN_DIR...`` (tables and curves of runs) and
 import sys
 
 from lm.errors import run_cli
-from lm.eval_cli import main as _main
+from lm.cli.evaluate import main as _main
 
 
 def main(argv=None) -> int:

@@ -8,7 +8,7 @@ your own text: ``data.path`` (docs/workflow.md).
 import sys
 
 from lm.errors import run_cli
-from lm.train_cli import main as _main
+from lm.cli.train import main as _main
 
 
 def main(argv=None) -> int:

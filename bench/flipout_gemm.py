@@ -2,7 +2,7 @@
 """Why flipout's CPU ratio depends on the hidden size: the per-step matmul against cache size.
 
 Every step of the recurrence multiplies a ``(B, H)`` state by ``W_hhᵀ`` ``(H, 4H)``; flipout adds a
-second product with ``ΔŴ`` (one ``bmm`` of both, as in :mod:`lm.lstm_kernel`). With ``B`` = 32
+second product with ``ΔŴ`` (one ``bmm`` of both, as in :mod:`lm.nn.lstm_kernel`). With ``B`` = 32
 rows the product does 2·B = 64 flops per weight read, so its speed depends on whether the
 weights stay in the last-level cache from one step to the next. ``nn.LSTM`` streams ``4H·H``
 floats per step; flipout streams twice that. This script times, for a range of ``H``, the plain
@@ -12,7 +12,7 @@ once does not, the ratio drops below 0.5 and no kernel that keeps ``W_hh`` and `
 reach the compute bound.
 
 With ``--window``, it instead measures the *matmul floor of a whole training window* at one
-size, for each backend of :mod:`lm.lstm_matmul` (``bmm``; ``packed`` where oneDNN works): the
+size, for each backend of :mod:`lm.nn.lstm_matmul` (``bmm``; ``packed`` where oneDNN works): the
 per-step matmuls exactly as the window kernel issues them (``GateMatmul`` forward,
 ``HiddenGrad`` backward, T of each, weight reorders included) plus the input projection and the
 window-wide weight-gradient matmuls, with no other work, against ``nn.LSTM``'s forward +
@@ -37,7 +37,7 @@ from typing import Callable, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from lm import lstm_matmul  # noqa: E402
+from lm.nn import lstm_matmul  # noqa: E402
 
 
 def median_ms(fn: Callable[[], object], repeats: int) -> float:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Training and evaluation throughput and peak memory of every regularizer against ``nn.LSTM``.
 
-For each size (the paper's, App. D.1) and each regularizer, a :class:`lm.model.LanguageModel`
+For each size (the paper's, App. D.1) and each regularizer, a :class:`lm.nn.model.LanguageModel`
 is timed side by side, in the same process, with a plain ``torch.nn.LSTM`` language model of the
 same size (same embedding/one-hot input, layers, decoder and optimizer):
 
@@ -10,7 +10,7 @@ same size (same embedding/one-hot input, layers, decoder and optimizer):
 
 What is measured (random tokens; speed does not depend on the data):
 
-* training: one optimizer step as in :meth:`lm.trainer.Trainer.train_step` -- forward,
+* training: one optimizer step as in :meth:`lm.train.trainer.Trainer.train_step` -- forward,
   cross-entropy, backward, gradient clipping, optimizer step; the hidden state is carried
   (detached) from step to step. Reported as tokens/s (``T * B`` per step).
 * evaluation: one forward window under ``torch.no_grad()`` in eval mode, same ``T`` and ``B``.
@@ -71,7 +71,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm.config import ModelConfig, RegularizerConfig  # noqa: E402
-from lm.model import LanguageModel, detach_state  # noqa: E402
+from lm.nn.model import LanguageModel, detach_state  # noqa: E402
 
 REFERENCE = "nn_lstm"
 
@@ -168,7 +168,7 @@ class Runner:
         return tuple(s.detach() for s in state) if isinstance(self.model, NNLSTMModel) else detach_state(state)
 
     def train_step(self) -> None:
-        """As :meth:`lm.trainer.Trainer.train_step`: forward, loss, backward, clip, step."""
+        """As :meth:`lm.train.trainer.Trainer.train_step`: forward, loss, backward, clip, step."""
         self.model.train()
         logits, state = self.model(self.x, self.state)
         loss = F.cross_entropy(logits.flatten(0, 1), self.y.flatten())

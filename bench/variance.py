@@ -3,7 +3,7 @@
 
 Reproduces the LSTM panel of Wen et al. 2018 (arXiv 1803.04386), Sec. 4.1 / App. C / Fig. 1c on
 the real Penn Treebank. A briefly trained LSTM language model (trained here with the project's
-:class:`lm.trainer.Trainer`, or loaded with ``--checkpoint``) is frozen; for mini-batch sizes
+:class:`lm.train.trainer.Trainer`, or loaded with ``--checkpoint``) is frozen; for mini-batch sizes
 ``N = 1, 2, 4, ..., max_n`` we draw many stochastic gradients of the first layer's ``W_hh`` and
 estimate, per element, their variance over repetitions, averaged over the elements of each gate
 block (PyTorch order i, f, g, o) and over the whole matrix. Four estimators, all through the
@@ -64,13 +64,13 @@ import torch
 from lm.config import load_config, to_dict
 from lm.data import Corpus, load_corpus
 from lm.errors import UserError, run_cli
-from lm.grad_variance import GATES, SCHEMES, batch_sizes, measure, window_sampler
-from lm.plots import plot_variance, print_variance_table
-from lm.eval_cli import load_model
-from lm.metrics import metric_name
-from lm.model import LanguageModel, count_parameters
-from lm.stats import summarize, t_stat_equal, tail_summary
-from lm.trainer import Trainer
+from lm.analysis.grad_variance import GATES, SCHEMES, batch_sizes, measure, window_sampler
+from lm.analysis.plots import plot_variance, print_variance_table
+from lm.cli.evaluate import load_model
+from lm.eval.metrics import metric_name
+from lm.nn.model import LanguageModel, count_parameters
+from lm.analysis.stats import summarize, t_stat_equal, tail_summary
+from lm.train.trainer import Trainer
 
 FAMILY_TITLE = {"gauss": "mult. Gaussian σ = 1", "dropconnect": "DropConnect p = 0.5"}
 

@@ -290,3 +290,17 @@ def config_help() -> str:
             lines.append(f"    --{section}.{f.name} (default: {default!r})")
             lines.append(f"        {f.metadata.get('help', '')}")
     return "\n".join(lines)
+
+
+RUNTIME_KEYS = {"train.device", "train.threads", "train.progress", "train.tensorboard"}  # may change on resume
+
+
+def flatten(d: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out

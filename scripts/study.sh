@@ -56,4 +56,4 @@ for level in char word; do  # one table per level, rows in the order of $REGULAR
   # shellcheck disable=SC2046
   $PY evaluate.py compare $(for reg in $REGULARIZERS; do echo "$STUDY_DIR/$level/$reg"; done) --out "docs/study/$level"
 done
-$PY -m lm.study_report --study-dir "$STUDY_DIR" --out docs/results.md
+$PY -m lm.analysis.study_report --study-dir "$STUDY_DIR" --out docs/results.md

@@ -16,7 +16,7 @@ from lm.config import load_config, to_dict
 
 def fake_run(path: Path, level: str = "char", seed: int = 1, valid: float = 1.5, test: float = 1.45,
              done: bool = True, checkpoint: bool = False, lr: float = 0.002) -> Path:
-    """A run directory as lm/trainer.py writes it, without training."""
+    """A run directory as lm/train/trainer.py writes it, without training."""
     path.mkdir(parents=True)
     cfg = to_dict(load_config(base={"data": {"level": level}, "train": {"seed": seed}, "optim": {"lr": lr}}))
     (path / "config.yaml").write_text(yaml.safe_dump(cfg))

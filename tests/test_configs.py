@@ -12,7 +12,7 @@ import torch
 import evaluate as evaluate_script
 import train as train_script
 from lm.config import CONFIG_DIR, load_config
-from lm.model import count_parameters
+from lm.nn.model import count_parameters
 
 PAPER = sorted(p.name for p in CONFIG_DIR.glob("*.yaml") if p.stem != "quickstart")
 LEVELS = ("char", "word")
@@ -32,7 +32,7 @@ def test_config_header_names_paper_row(name):
 
 @pytest.mark.parametrize("name", PAPER)
 def test_config_builds_paper_model_and_trains_two_steps(ptb_dir, name):
-    from lm.trainer import Trainer
+    from lm.train.trainer import Trainer
 
     cfg = load_config(name)
     trainer = Trainer(cfg, Path("unused"))

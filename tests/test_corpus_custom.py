@@ -11,7 +11,8 @@ import pytest
 import evaluate as evaluate_script
 import train as train_script
 from lm.config import load_config
-from lm.data.custom import TOKENIZER_FILE, TextCorpus, add_text_bpc, load_data, load_text_corpus
+from lm.data.custom import TOKENIZER_FILE, TextCorpus, load_data, load_text_corpus
+from lm.eval.metrics import add_text_bpc
 from lm.data.tokenizers import EOS, UNK, SentencePiece, build_vocab, detokenize
 from lm.errors import UserError
 from tests.textdata import tiny_config, write_config, write_corpus

@@ -33,7 +33,7 @@ def _configs(tmp: Path) -> dict[str, dict]:
 
 
 def _run(cfg_dict: dict, run_dir: Path, dist=None) -> dict:
-    from lm.trainer import Trainer
+    from lm.train.trainer import Trainer
 
     trainer = Trainer(load_config(base=cfg_dict), run_dir, dist=dist)
     snapshot = {}
@@ -53,8 +53,8 @@ def _worker(rank: int, port: int, tmp: str, data_root: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD), FLIPOUT_LM_DATA=data_root)
     torch.set_num_threads(1)
-    from lm import train_cli
-    from lm.distributed import session
+    from lm.cli import train as train_cli
+    from lm.train.distributed import session
 
     tmp_path = Path(tmp)
     cfgs = _configs(tmp_path)

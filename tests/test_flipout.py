@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from lm.config import RegularizerConfig
 from lm.errors import UserError
-from lm.flipout import Flip, flipout_linear, sample_signs
-from lm.lstm import LSTMLayer
+from lm.nn.flipout import Flip, flipout_linear, sample_signs
+from lm.nn.lstm import LSTMLayer
 from lm.regularizers import build_regularizer
 
 FLIPOUT = ("wd_flipout", "gauss_flipout")

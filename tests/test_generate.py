@@ -93,7 +93,7 @@ def test_ptb_word(ptb_dir, tmp_path, capsys):
 def test_ptb_char_codec_round_trip():
     """PTB char spells words with '_' between them: the prime is cut that way and joined back."""
     from lm.config import load_config
-    from lm.generate import Codec
+    from lm.eval.generate import Codec
 
     vocab = list("abcehst_") + ["<eos>"]
     codec = Codec(load_config(base={"data": {"level": "char"}}), vocab, Path("."))

@@ -1,4 +1,4 @@
-"""The window kernel (lm.lstm_kernel.lstm_window) against the plain autograd loop (lm.lstm.reference_loop).
+"""The window kernel (lm.nn.lstm_kernel.lstm_window) against the plain autograd loop (lm.nn.lstm.reference_loop).
 
 Every combination of the recurrence's noise hooks: hidden mask, flipout on W_hh (signs per window
 or per step), cell-update masks, zoneout masks (training) or expectations (evaluation). Outputs,
@@ -12,10 +12,12 @@ import itertools
 import pytest
 import torch
 
-from lm import lstm_matmul
+from lm.nn import lstm_matmul
 from lm.config import RegularizerConfig
-from lm.flipout import Flip, flipout_linear
-from lm.lstm import LSTMLayer, RecurrentNoise, WindowDraws, draw_window, lstm_window, reference_loop
+from lm.nn.flipout import Flip, flipout_linear
+from lm.nn.lstm import LSTMLayer, reference_loop
+from lm.nn.lstm_kernel import lstm_window
+from lm.nn.noise import RecurrentNoise, WindowDraws, draw_window
 from lm.regularizers import build_regularizer
 
 T, B, H = 6, 3, 5
@@ -77,7 +79,7 @@ needs_onednn = pytest.mark.skipif(not lstm_matmul.onednn_linear_available(),
 
 @pytest.fixture(params=["packed", "bmm"], ids=lambda b: f"backend={b}")
 def backend(request, monkeypatch):
-    """Both backends of the per-step matmuls (lm.lstm_matmul); float32 on CPU picks 'packed' by default."""
+    """Both backends of the per-step matmuls (lm.nn.lstm_matmul); float32 on CPU picks 'packed' by default."""
     if request.param == "packed" and not lstm_matmul.onednn_linear_available():
         pytest.skip("oneDNN's prepacked linear is not available in this torch build")
     monkeypatch.setattr(lstm_matmul, "PACKED", None if request.param == "packed" else False)

@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from lm.evaluation import evaluate
-from lm.metrics import from_nats, metric_name, summarize
+from lm.eval.evaluation import evaluate
+from lm.eval.metrics import from_nats, metric_name, summarize
 
 
 def test_known_values():
@@ -20,7 +20,7 @@ def test_known_values():
 def test_uniform_model_scores_log_vocab():
     """A model whose logits are all zero scores exactly ln V nats on any data, counted per target."""
     from lm.config import ModelConfig, RegularizerConfig
-    from lm.model import LanguageModel
+    from lm.nn.model import LanguageModel
 
     model = LanguageModel(ModelConfig(emb_size=8, hidden_size=8, num_layers=1), RegularizerConfig(), 37)
     with torch.no_grad():

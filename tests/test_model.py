@@ -5,7 +5,7 @@ import torch
 
 from lm.config import ModelConfig, RegularizerConfig
 from lm.errors import UserError
-from lm.model import LanguageModel, count_parameters, detach_state
+from lm.nn.model import LanguageModel, count_parameters, detach_state
 
 
 def tiny(**kw):

@@ -15,11 +15,11 @@ import torch
 
 from lm.config import ModelConfig, RegularizerConfig
 from lm.errors import UserError
-from lm.lstm import LSTMLayer
-from lm.model import LanguageModel
+from lm.nn.lstm import LSTMLayer
+from lm.nn.model import LanguageModel
 from lm.regularizers import REGISTRY, Regularizer, build_regularizer, register
 from lm.regularizers.base import NoRegularizer
-from lm.train_cli import main as train_main
+from lm.cli.train import main as train_main
 
 Z = 4.5
 VOCAB, STEPS, BATCH = 13, 6, 4

@@ -1,4 +1,4 @@
-"""lm.stats (Welch's t-test) and lm.study_report (docs/results.md from a study's run directories)."""
+"""lm.analysis.stats (Welch's t-test) and lm.analysis.study_report (docs/results.md from a study's run directories)."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import random
 import pytest
 
 from lm.errors import run_cli
-from lm.stats import betainc, t95, t_quantile, t_two_sided_p, welch
-from lm.study_report import kendall_tau, main as report_main
+from lm.analysis.stats import betainc, t95, t_quantile, t_two_sided_p, welch
+from lm.analysis.study_report import kendall_tau, main as report_main
 from tests.test_compare import fake_run
 
 

@@ -10,9 +10,9 @@ import pytest
 import yaml
 
 import train as train_script
-from lm.checkpoint import load_checkpoint
-from lm.sweep import config_differences
-from lm.trainer import Trainer
+from lm.train.checkpoint import load_checkpoint
+from lm.cli.sweep import config_differences
+from lm.train.trainer import Trainer
 from tests.textdata import tiny_config, write_config, write_corpus
 
 

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import train as train_script
-from lm.checkpoint import load_checkpoint
-from lm.schedule import NonMonotonic
+from lm.train.checkpoint import load_checkpoint
+from lm.train.optim import NonMonotonic
 from tests.tiny import write_tiny
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lm import grad_variance, stats
+from lm.analysis import grad_variance, stats
 from lm.config import RegularizerConfig
 from lm.regularizers import build_regularizer
 

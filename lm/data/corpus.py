@@ -15,9 +15,9 @@ from pathlib import Path
 
 import torch
 
-from lm.checkpoint import atomic_write
 from lm.data.ptb import SPLITS, data_root, find_ptb
 from lm.errors import UserError
+from lm.files import atomic_write
 
 EOS = "<eos>"
 CACHE_VERSION = 1

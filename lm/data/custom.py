@@ -30,14 +30,13 @@ from pathlib import Path
 
 import torch
 
-from lm.checkpoint import atomic_write
 from lm.config import Config, DataConfig
 from lm.data.corpus import Corpus, load_cache, load_corpus, save_cache
 from lm.data.ptb import SPLITS, data_root
 from lm.data.tokenizers import (SentencePiece, build_vocab, char_tokens, encode_symbols, read_text, split_lines,
                                 word_tokens)
 from lm.errors import UserError
-from lm.metrics import LN2
+from lm.files import atomic_write
 
 DEFAULT_FRACTIONS = (0.9, 0.05, 0.05)
 TOKENIZER_FILE = "tokenizer.model"
@@ -162,17 +161,6 @@ def load_text_corpus(d: DataConfig, run_dir: str | Path | None = None) -> TextCo
     return TextCorpus(level=tok, vocab=list(payload["vocab"]), **splits, source=str(d.path),
                       chars={s: len(texts[s]) for s in SPLITS}, split_tokens=split_tokens,
                       sp_model=sp.model if sp is not None else None)
-
-
-def add_text_bpc(result: dict, corpus: Corpus, split: str) -> dict:
-    """``result`` of :func:`lm.evaluation.evaluate` plus ``text_bpc`` and ``chars`` for a text corpus.
-
-    PTB results are returned unchanged (so PTB metrics files stay as they were).
-    """
-    if not isinstance(corpus, TextCorpus):
-        return result
-    bits = result["loss"] * corpus.split_tokens[split] / LN2
-    return {**result, "text_bpc": bits / corpus.chars[split], "chars": corpus.chars[split]}
 
 
 def save_tokenizer(corpus: Corpus, run_dir: Path) -> None:

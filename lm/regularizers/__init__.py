@@ -3,6 +3,8 @@
 To add a regularizer: subclass :class:`Regularizer` in its own module, set ``name``,
 ``summary``, ``perturbs``, ``granularity``, ``paper`` and ``options``, override the hooks it
 needs, and add the class to ``_BUILTINS`` below (or call :func:`register`).
+
+May import ``lm.nn`` (the noise plan it hands the layers) and the top-level modules only.
 """
 
 from __future__ import annotations

@@ -1,12 +1,12 @@
 """Base class of the recurrent regularizers: the hooks the language model calls.
 
-A regularizer acts at four places of :class:`lm.model.LanguageModel`:
+A regularizer acts at four places of :class:`lm.nn.model.LanguageModel`:
 
 * ``embedding_weight``: embedding dropout (whole rows of the embedding matrix, AWD-LSTM);
 * ``drop_input`` / ``drop_between`` / ``drop_output``: dropout on the LSTM stack's input,
   between layers and on its output, ``(T, B, F)``; *locked* (one mask per example held over
   the window, AWD's LockedDropout) unless the class sets ``locked = False`` (a new mask per step);
-* ``layer_noise``: the :class:`lm.lstm.RecurrentNoise` plan of one LSTM layer for one window.
+* ``layer_noise``: the :class:`lm.nn.lstm.RecurrentNoise` plan of one LSTM layer for one window.
 
 Every option is a probability or scale; at zero, and in eval mode, each hook is an exact
 identity (zoneout in eval uses its expectation, by definition of the method).
@@ -23,7 +23,8 @@ from torch import nn
 
 from lm.config import RegularizerConfig
 from lm.errors import UserError
-from lm.lstm import LSTMLayer, RecurrentNoise
+from lm.nn.lstm import LSTMLayer
+from lm.nn.noise import RecurrentNoise
 
 SHARED_OPTIONS = ("embed_p", "input_p", "between_p", "output_p")
 

@@ -5,7 +5,8 @@ memory ``c`` itself is never dropped. Granularity: a new mask per example and pe
 (the paper's "per-step mask sampling"), ``(B, H)`` each step, scaled by 1/(1-p).
 """
 
-from lm.lstm import LSTMLayer, RecurrentNoise
+from lm.nn.lstm import LSTMLayer
+from lm.nn.noise import RecurrentNoise
 from lm.regularizers.base import Regularizer
 
 

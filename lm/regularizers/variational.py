@@ -9,7 +9,8 @@ fused LSTM kernel; with ``hidden_p > 0`` it needs the explicit loop.
 
 import torch
 
-from lm.lstm import LSTMLayer, RecurrentNoise
+from lm.nn.lstm import LSTMLayer
+from lm.nn.noise import RecurrentNoise
 from lm.regularizers.base import Regularizer
 
 

@@ -26,8 +26,9 @@ import torch
 
 from lm.config import RegularizerConfig
 from lm.errors import UserError
-from lm.flipout import Flip
-from lm.lstm import LSTMLayer, RecurrentNoise
+from lm.nn.flipout import Flip
+from lm.nn.lstm import LSTMLayer
+from lm.nn.noise import RecurrentNoise
 from lm.regularizers.base import Regularizer
 
 

@@ -6,7 +6,8 @@ time step, ``(B, H)``. Evaluation uses the expectation ``z·old + (1-z)·new``, 
 other regularizers eval mode is not the plain LSTM unless both rates are 0.
 """
 
-from lm.lstm import LSTMLayer, RecurrentNoise
+from lm.nn.lstm import LSTMLayer
+from lm.nn.noise import RecurrentNoise
 from lm.regularizers.base import Regularizer
 
 

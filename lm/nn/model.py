@@ -18,7 +18,8 @@ from torch import nn
 
 from lm.config import ModelConfig, RegularizerConfig
 from lm.errors import UserError
-from lm.lstm import LSTMLayer, State
+from lm.nn.lstm import LSTMLayer
+from lm.nn.noise import State
 from lm.regularizers import Regularizer, build_regularizer
 
 

@@ -1,7 +1,7 @@
 """The window kernel: one autograd Function for a whole BPTT window of the LSTM recurrence.
 
-:func:`lstm_window` computes exactly what :func:`lm.lstm.reference_loop` computes (same arguments:
-the window's input projection, the state, ``W_hh`` and the :class:`lm.lstm.WindowDraws`), with a
+:func:`lstm_window` computes exactly what :func:`lm.nn.lstm.reference_loop` computes (same arguments:
+the window's input projection, the state, ``W_hh`` and the :class:`lm.nn.noise.WindowDraws`), with a
 hand-written backward. Shapes: ``xproj`` ``(T, B, 4H)``, state ``(h, c)`` each ``(B, H)``,
 ``W_hh`` ``(4H, H)``; outputs ``(T, B, H)``.
 
@@ -17,7 +17,7 @@ that is T large outer products and T passes over a ``4H x H`` buffer. The window
   in place: memory stays linear in T and below nn.LSTM's, and the backward step is a handful
   of element-wise ops and one matmul;
 * leaves per step only the unavoidable matmuls (forward ``h̃ W_hhᵀ``, backward ``dgates W_hh``,
-  and the ``ΔŴ`` products with flipout; backends in :mod:`lm.lstm_matmul`) and element-wise ops
+  and the ``ΔŴ`` products with flipout; backends in :mod:`lm.nn.lstm_matmul`) and element-wise ops
   into preallocated buffers. The kernel leaves torch's thread setting alone: switching to one
   thread for the element-wise ops (tried) cost 1-4% on an idle 2-core machine, because every
   switch re-forms the OpenMP team of the next matmul.
@@ -25,15 +25,11 @@ that is T large outer products and T passes over a ``4H x H`` buffer. The window
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from lm.lstm_matmul import GateMatmul, HiddenGrad
-
-if TYPE_CHECKING:  # only for annotations: lm.lstm imports this module
-    from lm.flipout import Flip
-    from lm.lstm import State, WindowDraws
+from lm.nn.flipout import Flip
+from lm.nn.lstm_matmul import GateMatmul, HiddenGrad
+from lm.nn.noise import State, WindowDraws
 
 
 def _flip_parts(flip: Flip | None):

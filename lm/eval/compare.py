@@ -1,6 +1,6 @@
-"""``python evaluate.py compare RUN_DIR... [--out DIR]``: tables, learning curves and JSON of runs.
+"""Tables, learning curves and JSON of runs (``python evaluate.py compare``, :mod:`lm.cli.compare`).
 
-Reads what :mod:`lm.trainer` writes in each run directory (``config.yaml``, ``metrics.jsonl``,
+Reads what :mod:`lm.train.trainer` writes in each run directory (``config.yaml``, ``metrics.jsonl``,
 ``results.json``; ``last.pt``/``best.pt`` only for the parameter count of unfinished runs, and
 for the config when ``config.yaml`` is gone). A directory with neither config nor checkpoint
 stands for the run directories below it at any depth (a seed sweep, or a study of several sweeps).
@@ -12,13 +12,12 @@ stands for the run directories below it at any depth (a seed sweep, or a study o
 * One table per data set and level (PTB char BPC, PTB word perplexity, each own corpus and
   tokenizer); own-corpus tables add text BPC, which compares across their tokenizations.
 
-Writes ``DIR/compare.md`` (also printed), ``DIR/compare.json`` (the same content, raw numbers)
-and ``DIR/curves.png`` (:mod:`lm.plots`).
+The front end writes ``DIR/compare.md`` (also printed), ``DIR/compare.json`` (the same content,
+raw numbers) and ``DIR/curves.png`` (:mod:`lm.analysis.plots`).
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import statistics
@@ -29,10 +28,9 @@ from typing import Any, Sequence
 import torch
 import yaml
 
-from lm.config import load_config, to_dict
+from lm.config import RUNTIME_KEYS, flatten, load_config, to_dict
 from lm.errors import UserError
-from lm.metrics import metric_name
-from lm.sweep import RUNTIME_KEYS, flatten
+from lm.eval.metrics import metric_name
 
 NUMERIC = ("params", "epochs", "best_epoch", "valid", "test", "valid_text_bpc", "test_text_bpc", "tokens_per_s",
            "wall_s")
@@ -249,25 +247,3 @@ def render_markdown(tables: list[dict]) -> str:
                "*incomplete*: no results.json (crashed, interrupted or still training); its figures are the best "
                "validation so far, and it has no test figure.")
     return "\n".join(out) + "\n"
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="evaluate.py compare", description=__doc__.split("\n")[0].split(": ", 1)[1])
-    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or directories holding them)")
-    p.add_argument("--out", default="compare", help="output directory (default: ./compare)")
-    p.add_argument("--no-plot", action="store_true", help="skip the learning-curve figure")
-    args = p.parse_args(argv)
-    runs = [read_run(path) for path in find_runs(args.runs)]
-    tables = aggregate(runs)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    text = render_markdown(tables)
-    (out / "compare.md").write_text(text)
-    (out / "compare.json").write_text(json.dumps({"tables": tables}, indent=2) + "\n")
-    if not args.no_plot:
-        from lm.plots import plot_curves  # matplotlib only when a figure is wanted
-
-        plot_curves(tables, {str(r.path): r for r in runs}, out / "curves.png")
-    print(text, end="")
-    print(f"wrote {out}/compare.md, compare.json" + ("" if args.no_plot else ", curves.png"))
-    return 0

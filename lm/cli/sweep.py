@@ -18,26 +18,14 @@ from typing import Callable, Sequence
 
 import yaml
 
-from lm.config import load_config, parse_overrides, to_dict
+from lm.config import RUNTIME_KEYS, flatten, load_config, parse_overrides, to_dict
 from lm.errors import UserError
 
-RUNTIME_KEYS = {"train.device", "train.threads", "train.progress", "train.tensorboard"}  # may change on resume
 EXIT_INTERRUPTED_MIN = 128
 
 
 def seed_dir(base: Path, seed: int) -> Path:
     return Path(base) / f"seed{seed}"
-
-
-def flatten(d: dict, prefix: str = "") -> dict:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    out = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def config_differences(saved: dict, wanted: dict) -> list[str]:
@@ -87,7 +75,7 @@ def run_sweep(args: argparse.Namespace, rest: Sequence[str], train_main: Callabl
     say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
     say(f"seed sweep into {base}: " + ", ".join(f"seed {s} {a}" for s, _, a in steps))
 
-    from lm.distributed import session  # one process group for the whole sweep under torchrun
+    from lm.train.distributed import session  # one process group for the whole sweep under torchrun
 
     codes = []
     with session(load_config(args.config, overrides).train.device) as dist:

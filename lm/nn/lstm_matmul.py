@@ -1,4 +1,4 @@
-"""The per-step matmuls of the window kernel (:mod:`lm.lstm_kernel`) and the choice of backend.
+"""The per-step matmuls of the window kernel (:mod:`lm.nn.lstm_kernel`) and the choice of backend.
 
 Every step of a window multiplies a ``B``-row operand by the same weights: forward
 ``h̃ W_hhᵀ`` (+ ``((h̃ ∘ s) ΔŴᵀ) ∘ r`` with flipout), backward ``dgates W_hh``

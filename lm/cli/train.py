@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(describe())
         return 0
     if args.seeds:
-        from lm.sweep import run_sweep
+        from lm.cli.sweep import run_sweep
 
         return run_sweep(args, rest, main)
     if args.resume and args.force:
@@ -66,8 +66,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not args.force:
             raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it, --force to "
                             "replace it, or --run-dir for a new one")
-    from lm.distributed import session
-    from lm.trainer import Trainer  # heavy import after argument checks: fast --help and errors
+    from lm.train.distributed import session
+    from lm.train.trainer import Trainer  # heavy import after argument checks: fast --help and errors
 
     with session(cfg.train.device) as dist:  # a torchrun rank joins its process group (docs/workflow.md)
         trainer = Trainer(cfg, run_dir, resume=args.resume, dist=dist)  # loads data, builds the model: may raise

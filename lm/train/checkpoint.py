@@ -1,29 +1,19 @@
-"""Atomic checkpoint files holding state dicts only, loaded with ``weights_only=True``."""
+"""Atomic checkpoint files holding state dicts only, loaded with ``weights_only=True``, and the model they hold."""
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import torch
 
+from lm.config import load_config
 from lm.errors import UserError
+from lm.files import atomic_write
+from lm.nn.device import resolve_device
+from lm.nn.model import LanguageModel
 
 FORMAT = "flipout-lm"
 VERSION = 1
-
-
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then rename over ``path``: readers never see a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def save_checkpoint(path: Path, payload: dict) -> None:
@@ -49,3 +39,16 @@ def load_checkpoint(path: str | Path) -> dict:
         raise UserError(f"checkpoint {path} has format version {payload.get('version')}, this code reads "
                         f"{VERSION}: use the matching flipout-lm version")
     return payload
+
+
+def load_model(path: str | Path, device: str = "auto") -> tuple[LanguageModel, dict]:
+    """Model (in eval mode, on ``device``) rebuilt from a checkpoint's own config, and the raw checkpoint dict."""
+    ck = load_checkpoint(path)
+    try:
+        cfg = load_config(base=ck["config"])
+        model = LanguageModel(cfg.model, cfg.regularizer, len(ck["vocab"]))
+        model.load_state_dict(ck["model"])
+    except (KeyError, RuntimeError) as e:
+        first = (str(e).splitlines() or [""])[0][:120]
+        raise UserError(f"checkpoint {path} does not match its stored config ({first}): it is damaged") from None
+    return model.to(resolve_device(device)).eval(), ck

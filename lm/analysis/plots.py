@@ -1,4 +1,4 @@
-"""Learning-curve figure of :mod:`lm.compare`: validation metric against epoch and wall-clock time.
+"""Learning-curve figure of :mod:`lm.eval.compare`: validation metric against epoch and wall-clock time.
 
 One row of two panels per comparison table (levels have different metrics), one line per run.
 Seeds of one config share a colour and differ in line style; the legend sits right of each
@@ -20,8 +20,8 @@ def plot_curves(tables: list[dict], runs: dict[str, Any], path: Path) -> None:
     """Write a PNG with the curves of every row of ``tables``.
 
     Args:
-        tables: :func:`lm.compare.aggregate` output.
-        runs: run path -> :class:`lm.compare.Run` (its ``curve`` is the metrics.jsonl records).
+        tables: :func:`lm.eval.compare.aggregate` output.
+        runs: run path -> :class:`lm.eval.compare.Run` (its ``curve`` is the metrics.jsonl records).
         path: PNG to write.
     """
     import matplotlib

@@ -1,7 +1,7 @@
 """Variance of the stochastic gradient of an LSTM's ``W_hh`` against mini-batch size.
 
 The estimator behind ``bench/variance.py`` (Wen et al. 2018, Sec. 4.1 / App. C): a frozen
-:class:`lm.model.LanguageModel` is run under one of four weight-noise schemes (shared or flipout,
+:class:`lm.nn.model.LanguageModel` is run under one of four weight-noise schemes (shared or flipout,
 Gaussian or DropConnect) and :func:`measure` returns per-group variance estimates for mini-batch
 sizes ``N = 1, 2, 4, ...``. The script owns the model, the CLI and the report; this module owns
 the measurement, so it can be reused on other checkpoints or layers.
@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from lm.config import RegularizerConfig
 from lm.errors import UserError
-from lm.model import LanguageModel
+from lm.nn.model import LanguageModel
 from lm.regularizers import Regularizer, build_regularizer
 
 GATES = ("i", "f", "g", "o")  # PyTorch's row blocks of W_hh
@@ -40,7 +40,7 @@ def frozen_base_perturbation(reg: Regularizer) -> Iterator[Callable[[], None]]:
     All four schemes draw ``ΔŴ = W ∘ ξ`` with ``ξ`` independent of ``W`` (checked by
     :func:`check_multiplicative`), so we draw ``ξ = base_perturbation(1)`` once per weight and
     return ``W ∘ ξ``: gradients still flow through ``W`` as in training. Flipout signs are not
-    frozen: :class:`lm.flipout.Flip` draws new ones on every forward call.
+    frozen: :class:`lm.nn.flipout.Flip` draws new ones on every forward call.
     """
     draw = type(reg).base_perturbation
     xis: dict[int, torch.Tensor] = {}

@@ -1,6 +1,6 @@
 """Small statistics helpers with no SciPy dependency.
 
-* Welch's t-test for seed comparisons (:mod:`lm.study_report`);
+* Welch's t-test for seed comparisons (:mod:`lm.analysis.study_report`);
 * t quantiles (the CDF inverted), ``a + b/N`` fits and group summaries for ``bench/variance.py``.
 
 The two-sided p-value uses the Student t CDF written through the regularized incomplete beta

@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 
 from lm.data.batching import batchify, bptt_windows
-from lm.metrics import summarize
-from lm.model import LanguageModel
+from lm.eval.metrics import summarize
+from lm.nn.model import LanguageModel
 
 
 @torch.no_grad()
@@ -20,7 +20,7 @@ def evaluate(model: LanguageModel, data: torch.Tensor, level: str, batch_size: i
         batch_size: number of parallel streams; the stream length is ``N // batch_size``.
         bptt: window length; only affects speed since the state carries over.
     Returns:
-        ``{'loss', 'tokens', 'bpc' | 'ppl'}`` (see :mod:`lm.metrics`).
+        ``{'loss', 'tokens', 'bpc' | 'ppl'}`` (see :mod:`lm.eval.metrics`).
     """
     was_training = model.training
     model.eval()

@@ -12,7 +12,6 @@ One :class:`Trainer` owns one run directory::
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import signal
@@ -25,35 +24,22 @@ import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
-from lm.checkpoint import atomic_write, load_checkpoint, save_checkpoint
 from lm.config import Config, to_dict
 from lm.data import Corpus, batchify
 from lm.data.batching import num_windows
-from lm.data.custom import add_text_bpc, load_data, save_tokenizer
-from lm.distributed import Single, current
-from lm.evaluation import evaluate
-from lm.logging_tb import TensorBoard
-from lm.metrics import from_nats, metric_name
-from lm.model import LanguageModel, count_parameters, detach_state
-from lm.schedule import NonMonotonic
+from lm.data.custom import load_data, save_tokenizer
+from lm.eval.evaluation import evaluate
+from lm.eval.metrics import add_text_bpc, from_nats, metric_name
+from lm.files import atomic_write
+from lm.nn.device import resolve_device
+from lm.nn.model import LanguageModel, count_parameters, detach_state
+from lm.train.checkpoint import load_checkpoint, save_checkpoint
+from lm.train.distributed import Single, current
+from lm.train.optim import Optimization
+from lm.train.tensorboard import TensorBoard
 
 EXIT_INTERRUPTED = 128  # + signal number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
 EXIT_DIVERGED = 1
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
-def make_optimizer(cfg: Config, params, asgd: bool = False) -> torch.optim.Optimizer:
-    o = cfg.optim
-    if asgd:  # AWD-LSTM's NT-ASGD: averaging starts at once (t0=0), no lr decay (lambd=0)
-        return torch.optim.ASGD(params, lr=o.lr, t0=0, lambd=0.0, weight_decay=o.weight_decay)
-    if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.name == "amsgrad")
 
 
 def log(message: str) -> None:
@@ -69,7 +55,7 @@ class Diverged(Exception):
 class Trainer:
     """Train ``cfg`` into ``run_dir`` (fresh, or continued from ``run_dir/last.pt`` with ``resume``).
 
-    ``dist`` (default: :func:`lm.distributed.current`) makes it one rank of a torchrun job.
+    ``dist`` (default: :func:`lm.train.distributed.current`) makes it one rank of a torchrun job.
     """
 
     def __init__(self, cfg: Config, run_dir: Path, resume: bool = False, corpus: Corpus | None = None,
@@ -87,10 +73,7 @@ class Trainer:
         self.model = LanguageModel(cfg.model, cfg.regularizer, len(self.corpus.vocab)).to(self.device)
         self.train_data = self.dist.shard(batchify(self.corpus.train, cfg.train.batch_size)).to(self.device)
         self.net = self.dist.wrap(self.model, self.device)  # the model, or DDP around it
-        self.nonmono = NonMonotonic(cfg.optim.nonmono)
-        self.asgd = False
-        self.optimizer = make_optimizer(cfg, self.model.parameters())
-        self.lr = cfg.optim.lr
+        self.opt = Optimization(cfg, self.model)
         self.epoch = self.step = self.pos = self.bad_validations = 0
         self.best_val, self.best_epoch, self.best_step = math.inf, 0, 0
         self.elapsed, self.tokens_seen = 0.0, 0  # training-step seconds and tokens (for tokens/s)
@@ -109,8 +92,7 @@ class Trainer:
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
         return {
             "config": to_dict(self.cfg), "vocab": self.corpus.vocab, "params": count_parameters(self.model),
-            "model": model_state or self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-            "asgd": self.asgd, "lr": self.lr, "nonmono": self.nonmono.state_dict(), "rng": rng,
+            "model": model_state or self.model.state_dict(), **self.opt.state_dict(), "rng": rng,
             "epoch": self.epoch, "step": self.step, "pos": self.pos,
             "hidden": [[h.cpu(), c.cpu()] for h, c in self.dist.gather_state(self.state)],
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_step": self.best_step,
@@ -120,12 +102,7 @@ class Trainer:
 
     def _restore(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])
-        self.asgd = bool(ck["asgd"])
-        if self.asgd:
-            self.optimizer = make_optimizer(self.cfg, self.model.parameters(), asgd=True)
-        self.optimizer.load_state_dict(ck["optimizer"])
-        self.lr = float(ck["lr"])
-        self.nonmono.load_state_dict(ck["nonmono"])
+        self.opt.load_state_dict(ck)
         torch.set_rng_state(ck["rng"]["cpu"])
         if "cuda" in ck["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
@@ -151,24 +128,6 @@ class Trainer:
         text = yaml.safe_dump(to_dict(self.cfg), sort_keys=False)
         atomic_write(self.run_dir / "config.yaml", lambda tmp: tmp.write_text(text))
 
-    @contextlib.contextmanager
-    def averaged_weights(self):
-        """Under NT-ASGD, temporarily load the averaged weights ``ax`` (AWD evaluates those)."""
-        if not self.asgd:
-            yield
-            return
-        backup = {}
-        for p in self.model.parameters():
-            ax = self.optimizer.state.get(p, {}).get("ax")
-            if ax is not None:
-                backup[p] = p.detach().clone()
-                p.data.copy_(ax)
-        try:
-            yield
-        finally:
-            for p, value in backup.items():
-                p.data.copy_(value)
-
     # -- validation and schedule ------------------------------------------------------
     def evaluate(self, split: str) -> dict:
         """Score the current weights on ``split`` (its first ``eval.max_tokens`` tokens if set)."""
@@ -179,7 +138,7 @@ class Trainer:
 
     def validate(self, train_loss: float) -> bool:
         """Evaluate, checkpoint, apply the schedule and early stopping; return True to stop."""
-        with self.averaged_weights():
+        with self.opt.averaged_weights():
             val = self.evaluate("valid")
             improved = val["loss"] < self.best_val
             if improved:
@@ -188,10 +147,10 @@ class Trainer:
                 self.save("best.pt", {k: v.clone() for k, v in self.model.state_dict().items()})
         if not improved:
             self.bad_validations += 1
-        event = self._schedule(val["loss"])
+        event = self.opt.after_validation(val["loss"])
         m = metric_name(self.level)
         record = {"epoch": self.epoch + self.pos / max(1, self.train_data.size(0) - 1), "step": self.step,
-                  "lr": self.lr, "train_loss": train_loss, f"train_{m}": from_nats(train_loss, self.level),
+                  "lr": self.opt.lr, "train_loss": train_loss, f"train_{m}": from_nats(train_loss, self.level),
                   "valid_loss": val["loss"], f"valid_{m}": val[m],
                   "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "elapsed_s": self.wall,
                   "best": improved, "event": event, **{f"valid_{k}": val[k] for k in ("text_bpc",) if k in val}}
@@ -206,22 +165,9 @@ class Trainer:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             self.tb.log(record, self.step)
-        log(f"| epoch {record['epoch']:6.2f} | step {self.step:7d} | lr {self.lr:.3g} | train {m} "
+        log(f"| epoch {record['epoch']:6.2f} | step {self.step:7d} | lr {self.opt.lr:.3g} | train {m} "
                    f"{record[f'train_{m}']:8.3f} | valid {m} {val[m]:8.3f} | {record['tokens_per_s']:8.0f} tok/s "
                    f"| {self.wall:7.0f}s{' *' if improved else ''}{f' [{event}]' if event else ''}")
-
-    def _schedule(self, val_loss: float) -> str:
-        o = self.cfg.optim
-        if o.schedule == "none" or self.asgd or not self.nonmono.step(val_loss):
-            return ""
-        if o.schedule == "nonmono_decay":
-            self.lr /= o.decay_factor
-            if o.reset_log_on_decay:
-                self.nonmono.reset()
-            return f"lr / {o.decay_factor:g}"
-        self.asgd = True
-        self.optimizer = make_optimizer(self.cfg, self.model.parameters(), asgd=True)
-        return "switched to ASGD"
 
     # -- training ---------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -229,21 +175,18 @@ class Trainer:
         signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
 
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        t = self.cfg.train
-        lr = self.lr * x.size(0) / t.bptt if t.variable_bptt else self.lr  # AWD's lr rescale by window length
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.opt.set_step_lr(x.size(0))
         self.model.train()
         logits, state = self.net(x, self.state)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        self.optimizer.zero_grad(set_to_none=True)
+        self.opt.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         value = self.dist.mean(loss.item())  # all ranks see a divergence
         if not math.isfinite(value):
             raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
         if self.cfg.optim.clip:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip)
-        self.optimizer.step()
+        self.opt.optimizer.step()
         self.state = detach_state(state)
         return value
 

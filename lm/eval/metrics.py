@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import math
 
+from lm.data.corpus import Corpus
+from lm.data.custom import TextCorpus
+
 LN2 = math.log(2.0)
 
 
@@ -30,3 +33,14 @@ def summarize(total_nats: float, tokens: int, level: str) -> dict:
     """``{'loss', 'tokens', 'bpc' | 'ppl'}`` from a summed loss and the number of predicted tokens."""
     loss = total_nats / tokens
     return {"loss": loss, "tokens": tokens, metric_name(level): from_nats(loss, level)}
+
+
+def add_text_bpc(result: dict, corpus: Corpus, split: str) -> dict:
+    """``result`` of :func:`lm.eval.evaluation.evaluate` plus ``text_bpc`` and ``chars`` for a text corpus.
+
+    PTB results are returned unchanged (so PTB metrics files stay as they were).
+    """
+    if not isinstance(corpus, TextCorpus):
+        return result
+    bits = result["loss"] * corpus.split_tokens[split] / LN2
+    return {**result, "text_bpc": bits / corpus.chars[split], "chars": corpus.chars[split]}

@@ -10,36 +10,21 @@ from typing import Sequence
 
 import torch
 
-from lm.checkpoint import load_checkpoint
 from lm.config import load_config
-from lm.data.custom import add_text_bpc, load_data
+from lm.data.custom import load_data
 from lm.errors import UserError
-from lm.evaluation import evaluate
-from lm.metrics import metric_name
-from lm.model import LanguageModel
-from lm.trainer import resolve_device
-
-
-def load_model(path: str, device: str = "auto") -> tuple[LanguageModel, dict]:
-    """Model (in eval mode, on ``device``) and the raw checkpoint dict."""
-    ck = load_checkpoint(path)
-    try:
-        cfg = load_config(base=ck["config"])
-        model = LanguageModel(cfg.model, cfg.regularizer, len(ck["vocab"]))
-        model.load_state_dict(ck["model"])
-    except (KeyError, RuntimeError) as e:
-        first = (str(e).splitlines() or [""])[0][:120]
-        raise UserError(f"checkpoint {path} does not match its stored config ({first}): it is damaged") from None
-    return model.to(resolve_device(device)).eval(), ck
+from lm.eval.evaluation import evaluate
+from lm.eval.metrics import add_text_bpc, metric_name
+from lm.train.checkpoint import load_model
 
 
 def _subcommand(name: str, argv: Sequence[str]) -> int:
     """``evaluate.py compare ...`` and ``evaluate.py generate ...`` (imported only when used)."""
     if name == "compare":
-        from lm.compare import main as compare_main
+        from lm.cli.compare import main as compare_main
 
         return compare_main(argv)
-    from lm.generate import main as generate_main
+    from lm.cli.generate import main as generate_main
 
     return generate_main(argv)
 

@@ -1,0 +1,4 @@
+"""Front ends: ``train.py`` and ``evaluate.py`` (argument parsing, run-directory policy), their
+``compare`` and ``generate`` subcommands, and seed sweeps. The top of the dependency graph: it may
+import every other subpackage, and nothing imports it.
+"""

@@ -1,0 +1,36 @@
+"""``python evaluate.py compare RUN_DIR... [--out DIR]``: tables, learning curves and JSON of runs.
+
+Writes ``DIR/compare.md`` (also printed), ``DIR/compare.json`` and ``DIR/curves.png``; what the
+tables hold is described in :mod:`lm.eval.compare`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Sequence
+
+from lm.eval.compare import aggregate, find_runs, read_run, render_markdown
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="evaluate.py compare", description="tables, learning curves and JSON of runs")
+    p.add_argument("runs", nargs="+", metavar="RUN_DIR", help="run directories (or directories holding them)")
+    p.add_argument("--out", default="compare", help="output directory (default: ./compare)")
+    p.add_argument("--no-plot", action="store_true", help="skip the learning-curve figure")
+    args = p.parse_args(argv)
+    runs = [read_run(path) for path in find_runs(args.runs)]
+    tables = aggregate(runs)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    text = render_markdown(tables)
+    (out / "compare.md").write_text(text)
+    (out / "compare.json").write_text(json.dumps({"tables": tables}, indent=2) + "\n")
+    if not args.no_plot:
+        from lm.analysis.plots import plot_curves  # matplotlib only when a figure is wanted
+
+        plot_curves(tables, {str(r.path): r for r in runs}, out / "curves.png")
+    print(text, end="")
+    print(f"wrote {out}/compare.md, compare.json" + ("" if args.no_plot else ", curves.png"))
+    return 0
