@@ -9,7 +9,8 @@ from lm.config import RegularizerConfig
 from lm.nn.lstm import LSTMLayer
 from lm.nn.rng import shared_generator, shared_noise
 from lm.regularizers import build_regularizer
-from lm.train.distributed import Single, epoch_lengths, windows_of
+from lm.train.distributed import Single
+from lm.train.streams import epoch_lengths, windows_of
 
 
 def _layer() -> LSTMLayer:

@@ -9,7 +9,9 @@ Two kinds of noise, two kinds of stream (docs/workflow.md, "Multi-GPU and multi-
   model makes its shared draws in a fixed order (embedding, then layer 1's ``W_hh`` [, ``W_ih``],
   layer 2's, ...), so ``k`` names the layer and weight. The draw therefore depends on nothing
   but the seed, the step and the layer: it is the same in every process of a data-parallel run
-  and in a single-process run, and it needs no state in a checkpoint.
+  and in a single-process run, and it needs no state in a checkpoint. The generator lives on the
+  weight's device (a CUDA generator for CUDA weights), so the draws agree between processes on
+  the same kind of device; CPU and CUDA generators give different numbers.
 * **per example** (flipout signs, dropout, variational, zoneout and cell masks): torch's default
   generator of the device, which every process seeds for itself (lm.train.distributed).
 

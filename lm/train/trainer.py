@@ -37,6 +37,7 @@ from lm.nn.rng import shared_noise
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
 from lm.train.optim import Optimization
+from lm.train.streams import rng_state
 from lm.train.tensorboard import TensorBoard
 
 EXIT_INTERRUPTED = 128  # + signal number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
@@ -91,9 +92,7 @@ class Trainer:
 
     # -- checkpoints ------------------------------------------------------------------
     def _payload(self, model_state: dict | None = None) -> dict:
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng = rng_state(self.device)
         return {
             "config": to_dict(self.cfg), "vocab": self.corpus.vocab, "params": count_parameters(self.model),
             "model": model_state or self.model.state_dict(), **self.opt.state_dict(), "rng": rng,
