@@ -40,10 +40,11 @@ from torch import nn
 from lm.data.batching import bptt_windows
 from lm.errors import UserError
 from lm.nn.rng import key_seed
-from lm.train.streams import RNG, epoch_lengths, set_rng_state, windows_of
+from lm.train.streams import RNG, Window, epoch_lengths, set_rng_state, windows_of
 
 State = tuple[torch.Tensor, torch.Tensor]
-Window = tuple[int, torch.Tensor, torch.Tensor]
+
+
 class Single:
     """One process: every hook is the identity."""
 
