@@ -2,7 +2,8 @@
 
 A regularizer acts at four places of :class:`lm.nn.model.LanguageModel`:
 
-* ``embedding_weight``: embedding dropout (whole rows of the embedding matrix, AWD-LSTM);
+* ``embedding_weight``: embedding dropout (whole rows of the embedding matrix, AWD-LSTM), one
+  mask shared by the batch, drawn from the keyed stream of :mod:`lm.nn.rng`;
 * ``drop_input`` / ``drop_between`` / ``drop_output``: dropout on the LSTM stack's input,
   between layers and on its output, ``(T, B, F)``; *locked* (one mask per example held over
   the window, AWD's LockedDropout) unless the class sets ``locked = False`` (a new mask per step);
@@ -25,6 +26,7 @@ from lm.config import RegularizerConfig
 from lm.errors import UserError
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
+from lm.nn.rng import shared_generator
 
 SHARED_OPTIONS = ("embed_p", "input_p", "between_p", "output_p")
 
@@ -68,7 +70,9 @@ class Regularizer(nn.Module):
         p = self.cfg.embed_p
         if not self.training or p == 0:
             return weight
-        mask = torch.empty((weight.size(0), 1), dtype=weight.dtype, device=weight.device).bernoulli_(1 - p)
+        # one mask for the whole batch: a shared draw, the same in every process (lm.nn.rng)
+        g = shared_generator(weight.device)
+        mask = torch.empty((weight.size(0), 1), dtype=weight.dtype, device=weight.device).bernoulli_(1 - p, generator=g)
         return weight * (mask / (1 - p))
 
     def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:

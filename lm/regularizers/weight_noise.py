@@ -14,6 +14,9 @@ All four regularizers write the perturbed weight as ``W = W̄ + ΔŴ`` with a ba
 
 Granularity: ``ΔŴ`` once per window; flipout signs ``r_n`` ``(B, 4H)`` and ``s_n`` ``(B, in)`` once
 per example per window (as edward2's LSTMCellFlipout), or every step with ``resample_per_step``.
+``ΔŴ`` is a shared draw: in training it comes from the generator keyed on (seed, step, layer) of
+:mod:`lm.nn.rng`, so every process of a data-parallel run uses the same one; the flipout signs
+are per example and come from each process's own stream.
 Shared perturbations run on the fused LSTM kernel; flipout needs the explicit loop.
 No KL term: the perturbation is used as pure regularizing noise.
 """
@@ -29,6 +32,7 @@ from lm.errors import UserError
 from lm.nn.flipout import Flip
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
+from lm.nn.rng import rand_like, randn_like, shared_generator
 from lm.regularizers.base import Regularizer
 
 
@@ -72,7 +76,7 @@ class WeightDrop(WeightNoise):
         if p == 0:
             return None
         # W ∘ (M/(1-p) - 1), M ~ Bernoulli(1-p) as rand >= p: F.dropout's mask, drawn 2x faster on CPU
-        return weight * torch.rand_like(weight).ge_(p).div_(1 - p).sub_(1)
+        return weight * rand_like(weight, shared_generator(weight.device)).ge_(p).div_(1 - p).sub_(1)
 
 
 class WDFlipout(WeightDrop):
@@ -96,7 +100,8 @@ class WDFlipout(WeightDrop):
         if self.cfg.weight_p == 0:
             return None
         # W ∘ (2M - 1) with M ~ Bernoulli(0.5): entries ±W, independent and symmetric about zero.
-        signs = torch.rand_like(weight).lt_(0.5).mul_(2).sub_(1)  # rand < 0.5: Bernoulli(0.5), faster on CPU
+        # rand < 0.5: Bernoulli(0.5), faster on CPU than bernoulli_
+        signs = rand_like(weight, shared_generator(weight.device)).lt_(0.5).mul_(2).sub_(1)
         return weight * signs
 
 
@@ -111,7 +116,7 @@ class Gauss(WeightNoise):
     def base_perturbation(self, weight: torch.Tensor) -> torch.Tensor | None:
         if self.cfg.sigma == 0:
             return None
-        return weight * torch.randn_like(weight).mul_(self.cfg.sigma)
+        return weight * randn_like(weight, shared_generator(weight.device)).mul_(self.cfg.sigma)
 
 
 class GaussFlipout(Gauss):

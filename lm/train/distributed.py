@@ -1,22 +1,28 @@
 """Data-parallel training under ``torchrun`` (DistributedDataParallel), one process per device.
 
 The trainer talks to a context object. :class:`Single` (one process) implements every hook
-as the identity, so single-process training runs exactly the code and random draws it ran
-before; :class:`DDPContext` (``WORLD_SIZE > 1``) implements them with ``torch.distributed``:
+as the identity; :class:`DDPContext` (``WORLD_SIZE > 1``) implements them with ``torch.distributed``:
 
 * data: ``train.batch_size`` is the *global* batch. The ``(N, B)`` training streams are cut
   by column: rank ``r`` of ``W`` trains on streams ``r*B/W ... (r+1)*B/W - 1`` with its own
-  hidden state, and DDP averages the gradients, so one step equals a single-process step on
-  all ``B`` streams (up to float summation order);
-* noise: rank 0 keeps the seed's random stream (the single-process one); rank ``r > 0`` reseeds
-  from ``(seed, r, step)`` after building the model, so dropout/flipout noise differs by rank;
-* decisions: every rank must take the same number of steps. Variable BPTT lengths are drawn
-  by rank 0 and broadcast; the training loss is averaged over ranks (so divergence is seen by
-  all); a Ctrl-C/SIGTERM seen by any rank stops all at the same step; rank 0 evaluates and
-  broadcasts the result, so lr decay, the ASGD switch and early stopping agree;
+  hidden state, and DDP averages the gradients;
+* noise shared by the batch (``ΔŴ`` of the weight-noise regularizers, embedding dropout) comes
+  from generators keyed on ``(seed, step, layer)`` (:mod:`lm.nn.rng`): the same in every rank and
+  in one process. Variable BPTT lengths come from a generator keyed on ``(seed, epoch)``. So a
+  run whose only noise is shared equals the single-process run up to float summation order;
+* noise per example (flipout signs, dropout, variational, zoneout and cell masks) comes from
+  each rank's default stream: rank 0 keeps the seed's stream, rank ``r > 0`` reseeds from
+  ``(seed, r, step)`` after building the model; ``last.pt`` holds every rank's stream, so a
+  resume on the same number of processes continues each exactly;
+* decisions: every rank must take the same number of steps. Rank 0 broadcasts the epoch's
+  window lengths once per epoch; the training loss is averaged over ranks every step (so a
+  divergence is seen by all), and that one collective also carries the stop signals: a
+  Ctrl-C/SIGTERM seen by any rank stops all at the same step, at most one step later, with no
+  collective of its own; rank 0 evaluates and broadcasts the result, so lr decay, the ASGD
+  switch and early stopping agree;
 * files: rank 0 logs and writes config, metrics and checkpoints. The checkpoint's hidden
   state is gathered from all ranks, ``(B, H)`` as in a single-process run, so a run can be
-  resumed with another number of processes (not bit-exactly: noise streams differ).
+  resumed with another number of processes (then the per-rank streams of ranks > 0 are reseeded).
 """
 
 from __future__ import annotations
@@ -24,17 +30,19 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import sys
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
-from lm.data.batching import bptt_windows, sample_window_length
+from lm.data.batching import bptt_windows
 from lm.errors import UserError
+from lm.nn.rng import key_seed
+from lm.train.streams import RNG, Window, epoch_lengths, set_rng_state, windows_of
 
 State = tuple[torch.Tensor, torch.Tensor]
-Window = tuple[int, torch.Tensor, torch.Tensor]
 
 
 class Single:
@@ -61,11 +69,22 @@ class Single:
         """The module to call for training steps (DDP averages gradients across ranks)."""
         return model
 
-    def seed_noise(self, seed: int, step: int) -> None:
-        """Give ranks > 0 their own noise stream (after the shared model initialisation)."""
+    def seed_noise(self, seed: int, step: int, saved: list[RNG] | None = None,
+                   device: torch.device | None = None) -> None:
+        """Give each rank its own per-example noise stream (after the shared model initialisation):
+        its stream from ``saved`` (``last.pt``'s ``rng_ranks``) when resuming on as many processes,
+        else a fresh one for ranks > 0. One process: nothing to do (the trainer restored ``rng``)."""
 
-    def windows(self, source: torch.Tensor, bptt: int, start: int, variable: bool) -> Iterator[Window]:
-        return bptt_windows(source, bptt, start, variable)
+    def gather_rng(self, state: RNG) -> list[RNG]:
+        """Every rank's :func:`rng_state`, in rank order (collective)."""
+        return [state]
+
+    def windows(self, source: torch.Tensor, bptt: int, start: int, variable: bool, seed: int = 0,
+                epoch: int = 0) -> Iterator[Window]:
+        """The training windows of epoch ``epoch`` from row ``start``; variable lengths: :func:`epoch_lengths`."""
+        if not variable:
+            return bptt_windows(source, bptt, start)
+        return windows_of(source, epoch_lengths(source.size(0), bptt, seed, epoch), start)
 
     def from_main(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` computed on rank 0 and broadcast (e.g. a validation result)."""
@@ -97,6 +116,8 @@ class DDPContext(Single):
         self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         nccl = dist.get_backend() == "nccl"
         self.comm = torch.device("cuda", torch.cuda.current_device()) if nccl else torch.device("cpu")
+        self._signal = 0  # a signal this rank saw that no reduction has carried yet
+        self._heard: int | None = None  # the largest signal the last loss reductions carried; None: no reduction
 
     def device(self, device: torch.device) -> torch.device:
         return torch.device("cuda", self.local_rank) if device.type == "cuda" else device
@@ -130,22 +151,37 @@ class DDPContext(Single):
         ids = [device.index] if device.type == "cuda" else None
         return nn.parallel.DistributedDataParallel(model, device_ids=ids)  # the model has no buffers to sync
 
-    def seed_noise(self, seed: int, step: int) -> None:
+    def seed_noise(self, seed: int, step: int, saved: list[RNG] | None = None,
+                   device: torch.device | None = None) -> None:
+        if saved is not None and len(saved) == self.world:
+            set_rng_state(saved[self.rank], device or torch.device("cpu"))
+            return
+        if saved is not None and self.is_main:
+            print(f"note: last.pt was written by {len(saved)} process(es), this run has {self.world}: the "
+                  "per-example noise streams of processes > 0 start afresh (the run continues, not bit-exactly)",
+                  file=sys.stderr, flush=True)
         if self.rank:
-            digest = hashlib.sha256(f"{seed}:{self.rank}:{step}".encode()).digest()
-            torch.manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+            torch.manual_seed(key_seed(seed, self.rank, step))
 
-    def windows(self, source: torch.Tensor, bptt: int, start: int, variable: bool) -> Iterator[Window]:
+    def gather_rng(self, state: RNG) -> list[RNG]:
+        states: list[Any] = [None] * self.world
+        dist.all_gather_object(states, state)
+        return states
+
+    def windows(self, source: torch.Tensor, bptt: int, start: int, variable: bool, seed: int = 0,
+                epoch: int = 0) -> Iterator[Window]:
         if not variable:
             yield from bptt_windows(source, bptt, start)
             return
-        i = start
-        while i < source.size(0) - 1:
-            length = torch.tensor([sample_window_length(bptt) if self.is_main else 0], device=self.comm)
-            dist.broadcast(length, 0)
-            n = min(int(length.item()), source.size(0) - 1 - i)
-            yield i, source[i: i + n], source[i + 1: i + 1 + n]
-            i += n
+        # One broadcast per epoch: rank 0's lengths (every rank would draw the same from the keyed
+        # generator; the broadcast makes agreement certain, e.g. across nodes with other torch builds).
+        rows = source.size(0)
+        box = torch.zeros((rows - 1) // 5 + 1, dtype=torch.int64, device=self.comm)  # windows are >= 5 but the last
+        if self.is_main:
+            lengths = epoch_lengths(rows, bptt, seed, epoch)
+            box[: len(lengths)] = torch.tensor(lengths, dtype=torch.int64)
+        dist.broadcast(box, 0)
+        yield from windows_of(source, [n for n in box.tolist() if n], start)
 
     def from_main(self, fn: Callable[[], Any]) -> Any:
         box = [fn() if self.is_main else None]
@@ -153,14 +189,32 @@ class DDPContext(Single):
         return box[0]
 
     def mean(self, value: float) -> float:
-        t = torch.tensor([value], dtype=torch.float64, device=self.comm)
-        dist.all_reduce(t)
-        return t.item() / self.world
+        # One all-gather of (value, pending signal) per call: the trainer's per-step loss average
+        # carries the stop signals too, so stopping costs no collective of its own.
+        mine = torch.tensor([value, float(self._signal)], dtype=torch.float64, device=self.comm)
+        parts = [torch.empty_like(mine) for _ in range(self.world)]
+        dist.all_gather(parts, mine)
+        table = torch.stack(parts).cpu()  # (W, 2), the same on every rank
+        self._heard = max(self._heard or 0, int(table[:, 1].max().item()))
+        return float(table[:, 0].sum().item()) / self.world
 
     def stop_signal(self, signum: int | None) -> int | None:
-        t = torch.tensor([signum or 0], device=self.comm)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return signum or (int(t.item()) or None)
+        """The signal number if any rank was interrupted, so that all stop at the same step.
+
+        A signal rides on the next :meth:`mean` (the next step's loss average) and is reported
+        by the first call after it: all ranks stop at most one step after the signal. Without
+        a :meth:`mean` since the last call, one all-reduce decides now."""
+        self._signal = self._signal or signum or 0
+        heard = self._heard
+        if heard is None:
+            t = torch.tensor([self._signal], device=self.comm)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            heard = int(t.item())
+        self._heard = None
+        if not heard:
+            return None
+        own, self._signal = self._signal, 0
+        return own or heard
 
     def main_first(self, fn: Callable[[], Any], fingerprint: Callable[[Any], Sequence[str]]) -> Any:
         result, error = None, None

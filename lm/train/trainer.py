@@ -33,9 +33,11 @@ from lm.eval.metrics import add_text_bpc, from_nats, metric_name
 from lm.files import atomic_write
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
+from lm.nn.rng import shared_noise
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
 from lm.train.optim import Optimization
+from lm.train.streams import rng_state
 from lm.train.tensorboard import TensorBoard
 
 EXIT_INTERRUPTED = 128  # + signal number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
@@ -80,19 +82,21 @@ class Trainer:
         self.wall_offset, self._wall_start = 0.0, time.perf_counter()  # wall clock incl. validation
         self.state = self.model.init_state(self.train_data.size(1))
         self.interrupted: int | None = None
+        rng_ranks = None  # every process's noise stream from last.pt
         if resume:
-            self._restore(load_checkpoint(self.run_dir / "last.pt"))
-        self.dist.seed_noise(cfg.train.seed, self.step)  # no-op in one process
+            ck = load_checkpoint(self.run_dir / "last.pt")
+            self._restore(ck)
+            rng_ranks = ck.get("rng_ranks")
+        self.dist.seed_noise(cfg.train.seed, self.step, rng_ranks, self.device)  # no-op in one process
         self.tb = TensorBoard(self.run_dir / "tensorboard") if cfg.train.tensorboard and self.dist.is_main else None
 
     # -- checkpoints ------------------------------------------------------------------
     def _payload(self, model_state: dict | None = None) -> dict:
-        rng = {"cpu": torch.get_rng_state()}
-        if self.device.type == "cuda":
-            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        rng = rng_state(self.device)
         return {
             "config": to_dict(self.cfg), "vocab": self.corpus.vocab, "params": count_parameters(self.model),
             "model": model_state or self.model.state_dict(), **self.opt.state_dict(), "rng": rng,
+            "rng_ranks": self.dist.gather_rng(rng),  # every process's stream, for an exact resume
             "epoch": self.epoch, "step": self.step, "pos": self.pos,
             "hidden": [[h.cpu(), c.cpu()] for h, c in self.dist.gather_state(self.state)],
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_step": self.best_step,
@@ -177,7 +181,8 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.opt.set_step_lr(x.size(0))
         self.model.train()
-        logits, state = self.net(x, self.state)
+        with shared_noise(self.cfg.train.seed, self.step):  # noise shared by the batch: keyed, same in every rank
+            logits, state = self.net(x, self.state)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
         self.opt.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -215,7 +220,7 @@ class Trainer:
             total = num_windows(self.train_data, t.bptt)
             bar = tqdm(total=total, initial=min(total, self.pos // t.bptt), desc=f"epoch {self.epoch + 1}",
                        disable=None if t.progress and self.dist.is_main else True, leave=False, dynamic_ncols=True)
-            for row, x, y in self.dist.windows(self.train_data, t.bptt, self.pos, t.variable_bptt):
+            for row, x, y in self.dist.windows(self.train_data, t.bptt, self.pos, t.variable_bptt, t.seed, self.epoch):
                 start = time.perf_counter()
                 losses.append(self.train_step(x, y))
                 self.elapsed += time.perf_counter() - start

@@ -1,0 +1,89 @@
+"""Random streams of the training noise: keyed generators for the draws shared by the batch.
+
+Two kinds of noise, two kinds of stream (docs/workflow.md, "Multi-GPU and multi-node"):
+
+* **shared by the batch**: the weight perturbation ``ΔŴ`` of ``gauss``, ``weight_drop`` and the
+  base perturbation of the flipout variants (paper Sec. 2.1), and embedding dropout's rows.
+  Inside :func:`shared_noise` (the trainer opens it around every training forward) the ``k``-th
+  such draw of a step comes from a generator seeded with a hash of ``(seed, step, k)``; the
+  model makes its shared draws in a fixed order (embedding, then layer 1's ``W_hh`` [, ``W_ih``],
+  layer 2's, ...), so ``k`` names the layer and weight. The draw therefore depends on nothing
+  but the seed, the step and the layer: it is the same in every process of a data-parallel run
+  and in a single-process run, and it needs no state in a checkpoint. The generator lives on the
+  weight's device (a CUDA generator for CUDA weights), so the draws agree between processes on
+  the same kind of device; CPU and CUDA generators give different numbers.
+* **per example** (flipout signs, dropout, variational, zoneout and cell masks): torch's default
+  generator of the device, which every process seeds for itself (lm.train.distributed).
+
+Outside :func:`shared_noise` (evaluation, the gradient-variance analysis, tests that call a
+regularizer directly) :func:`shared_generator` returns None, and shared draws come from the
+default stream, as every draw did before keyed streams existed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+
+def key_seed(*parts: object) -> int:
+    """A 63-bit seed from a hash of ``parts`` (e.g. ``("shared", seed, step, k)``); the same on every machine."""
+    digest = hashlib.sha256(":".join(map(str, parts)).encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
+def keyed_generator(*parts: object, device: torch.device | str = "cpu") -> torch.Generator:
+    """A fresh generator on ``device`` seeded with :func:`key_seed` of ``parts``."""
+    return torch.Generator(device=device).manual_seed(key_seed(*parts))
+
+
+@dataclass
+class _Step:
+    seed: int
+    step: int
+    draws: int = 0  # shared draws made so far in this step: the key k of the next one
+
+
+_current: _Step | None = None
+_generators: dict[str, torch.Generator] = {}  # one reusable generator per device (reseeded per draw)
+
+
+@contextlib.contextmanager
+def shared_noise(seed: int, step: int) -> Iterator[None]:
+    """Key the shared draws made inside on ``(seed, step, k)``, ``k`` counting the draws from 0."""
+    global _current
+    outer, _current = _current, _Step(seed, step)
+    try:
+        yield
+    finally:
+        _current = outer
+
+
+def shared_generator(device: torch.device | str) -> torch.Generator | None:
+    """The generator for the next shared draw on ``device``, or None (the default stream) outside
+    :func:`shared_noise`. Use it for one draw at once: the next call reseeds it."""
+    if _current is None:
+        return None
+    k = _current.draws
+    _current.draws += 1
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    g = _generators.get(str(device))
+    if g is None:
+        g = _generators[str(device)] = torch.Generator(device=device)
+    return g.manual_seed(key_seed("shared", _current.seed, _current.step, k))
+
+
+def rand_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``torch.rand_like(x)`` from ``generator`` (the default stream when None: the same draw as rand_like)."""
+    return torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+
+
+def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``torch.randn_like(x)`` from ``generator`` (the default stream when None)."""
+    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)

@@ -1,0 +1,102 @@
+"""Keyed streams (lm.nn.rng): shared draws depend on (seed, step, layer) only; per-example draws on the
+process's own stream; variable BPTT lengths on (seed, epoch)."""
+
+from __future__ import annotations
+
+import torch
+
+from lm.config import RegularizerConfig
+from lm.nn.lstm import LSTMLayer
+from lm.nn.rng import shared_generator, shared_noise
+from lm.regularizers import build_regularizer
+from lm.train.distributed import Single
+from lm.train.streams import epoch_lengths, windows_of
+
+
+def _layer() -> LSTMLayer:
+    layer = LSTMLayer(6, 5)
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.fill_(0.5)
+    return layer
+
+
+def test_shared_draws_depend_on_seed_step_and_layer_only():
+    reg = build_regularizer(RegularizerConfig(name="gauss_flipout", sigma=1.0, perturb_ih=True)).train()
+    layer = _layer()
+
+    def draw(seed, step, stream_seed):
+        torch.manual_seed(stream_seed)  # the process's own stream: must not matter for ΔŴ
+        with shared_noise(seed, step):
+            plan = reg.layer_noise(layer, 3, 4)
+        return plan.flip_hh, plan.flip_ih
+
+    hh, ih = draw(1, 7, stream_seed=0)
+    hh2, ih2 = draw(1, 7, stream_seed=123)
+    assert torch.equal(hh.delta, hh2.delta) and torch.equal(ih.delta, ih2.delta)
+    assert not torch.equal(hh.sign_in, hh2.sign_in)  # per-example signs follow the process's stream
+    assert not torch.equal(hh.delta, ih.delta[:, :5])  # W_hh and W_ih: draws k = 0 and 1 differ
+    assert not torch.equal(hh.delta, draw(1, 8, 0)[0].delta)  # another step
+    assert not torch.equal(hh.delta, draw(2, 7, 0)[0].delta)  # another seed
+
+
+def test_shared_draws_leave_the_default_stream_alone():
+    """Inside the context, ΔŴ and embedding dropout do not consume the process's stream, so the
+    per-example draws are the same whatever the shared draws are."""
+    reg = build_regularizer(RegularizerConfig(name="weight_drop", weight_p=0.5, embed_p=0.3)).train()
+    layer = _layer()
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    with shared_noise(1, 0):
+        reg.embedding_weight(torch.ones(50, 4))
+        assert reg.layer_noise(layer, 3, 4).weight_hh is not layer.weight_hh  # a draw was made
+    assert torch.equal(torch.rand(4), expected)
+
+
+def test_embedding_dropout_is_a_shared_draw():
+    reg = build_regularizer(RegularizerConfig(name="none", embed_p=0.5)).train()
+    w = torch.ones(200, 3)
+    masks = []
+    for stream in (0, 1):
+        torch.manual_seed(stream)
+        with shared_noise(5, 2):
+            masks.append(reg.embedding_weight(w))
+    assert torch.equal(masks[0], masks[1])
+    torch.manual_seed(0)
+    outside = [reg.embedding_weight(w) for _ in range(2)]
+    assert not torch.equal(*outside)  # outside a context: the default stream, a new mask per call
+
+
+def test_no_context_means_default_stream():
+    assert shared_generator("cpu") is None
+    reg = build_regularizer(RegularizerConfig(name="gauss", sigma=1.0)).train()
+    w = torch.ones(4, 3)
+    torch.manual_seed(9)
+    a = reg.base_perturbation(w)
+    torch.manual_seed(9)
+    assert torch.equal(a, torch.randn(4, 3))  # exactly randn_like's draw, as before keyed streams
+
+
+def test_epoch_lengths_keyed_and_cover_the_epoch():
+    a = epoch_lengths(1001, 70, seed=1, epoch=0)
+    assert a == epoch_lengths(1001, 70, seed=1, epoch=0)
+    assert a != epoch_lengths(1001, 70, seed=1, epoch=1) and a != epoch_lengths(1001, 70, seed=2, epoch=0)
+    assert sum(a) == 1000 and all(n >= 5 for n in a[:-1])
+    source = torch.arange(1001)[:, None]
+    full = list(windows_of(source, a, 0))
+    assert [row for row, _, _ in full][1:] == torch.tensor(a).cumsum(0)[:-1].tolist()
+    middle = full[3][0]
+    assert [row for row, _, _ in windows_of(source, a, middle)] == [row for row, _, _ in full[3:]]
+    (row, x, y), *_ = windows_of(source, a, middle + 2)  # a start inside a window: a shortened one
+    assert row == middle + 2 and x.size(0) == a[3] - 2 and torch.equal(y[:, 0], x[:, 0] + 1)
+
+
+def test_single_process_variable_windows_do_not_touch_the_default_stream():
+    source = torch.arange(501)[:, None]
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    lengths = [x.size(0) for _, x, _ in Single().windows(source, 35, 0, True, seed=4, epoch=2)]
+    assert lengths == epoch_lengths(501, 35, 4, 2)
+    assert torch.equal(torch.rand(3), expected)
