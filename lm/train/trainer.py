@@ -30,12 +30,15 @@ from lm.data.batching import num_windows
 from lm.data.custom import load_data, save_tokenizer
 from lm.eval.evaluation import evaluate
 from lm.eval.metrics import add_text_bpc, from_nats, metric_name
-from lm.files import atomic_write
+from lm.errors import StorageError
+from lm.files import atomic_write, storage_error
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
 from lm.train.optim import Optimization
+from lm.train.preflight import allocation_error, check_memory, check_sizes
+from lm.train.resume import apply_overrides
 from lm.train.tensorboard import TensorBoard
 
 EXIT_INTERRUPTED = 128  # + signal number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
@@ -70,7 +73,12 @@ class Trainer:
         self.corpus = corpus or self.dist.main_first(lambda: load_data(cfg, self.run_dir if resume else None),
                                                      lambda c: c.vocab)
         self.level = self.corpus.level
-        self.model = LanguageModel(cfg.model, cfg.regularizer, len(self.corpus.vocab)).to(self.device)
+        check_sizes(cfg, self.corpus, self.dist.world)  # a batch larger than its data fails now, not at validation
+        check_memory(cfg, len(self.corpus.vocab), self.device)
+        try:
+            self.model = LanguageModel(cfg.model, cfg.regularizer, len(self.corpus.vocab)).to(self.device)
+        except (RuntimeError, MemoryError) as e:
+            raise allocation_error(e, cfg, len(self.corpus.vocab)) or e from None
         self.train_data = self.dist.shard(batchify(self.corpus.train, cfg.train.batch_size)).to(self.device)
         self.net = self.dist.wrap(self.model, self.device)  # the model, or DDP around it
         self.opt = Optimization(cfg, self.model)
@@ -80,8 +88,11 @@ class Trainer:
         self.wall_offset, self._wall_start = 0.0, time.perf_counter()  # wall clock incl. validation
         self.state = self.model.init_state(self.train_data.size(1))
         self.interrupted: int | None = None
+        self.resume_event = ""  # overrides applied on resume, logged with the next validation
         if resume:
-            self._restore(load_checkpoint(self.run_dir / "last.pt"))
+            ck = load_checkpoint(self.run_dir / "last.pt")
+            self._restore(ck)
+            self.resume_event = apply_overrides(self.opt, ck["config"], cfg)
         self.dist.seed_noise(cfg.train.seed, self.step)  # no-op in one process
         self.tb = TensorBoard(self.run_dir / "tensorboard") if cfg.train.tensorboard and self.dist.is_main else None
 
@@ -118,6 +129,9 @@ class Trainer:
 
     def save(self, name: str, model_state: dict | None = None) -> None:
         payload = self._payload(model_state)  # on every rank: it gathers the hidden state
+        bad = [k for k, v in payload["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never let a checkpoint hold what a diverged step wrote
+            raise Diverged(f"non-finite weights ({bad[0]}) at step {self.step}")
         if self.dist.is_main:
             save_checkpoint(self.run_dir / name, payload)
 
@@ -147,7 +161,8 @@ class Trainer:
                 self.save("best.pt", {k: v.clone() for k, v in self.model.state_dict().items()})
         if not improved:
             self.bad_validations += 1
-        event = self.opt.after_validation(val["loss"])
+        event = "; ".join(e for e in (self.resume_event, self.opt.after_validation(val["loss"])) if e)
+        self.resume_event = ""
         m = metric_name(self.level)
         record = {"epoch": self.epoch + self.pos / max(1, self.train_data.size(0) - 1), "step": self.step,
                   "lr": self.opt.lr, "train_loss": train_loss, f"train_{m}": from_nats(train_loss, self.level),
@@ -184,8 +199,13 @@ class Trainer:
         value = self.dist.mean(loss.item())  # all ranks see a divergence
         if not math.isfinite(value):
             raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
-        if self.cfg.optim.clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.optim.clip:  # the global norm before clipping; DDP has already averaged the gradients
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not math.isfinite(float(norm)):  # a finite loss can still have inf/NaN gradients: stop before the update
+            raise Diverged(f"non-finite gradient norm ({float(norm)}) at step {self.step + 1}")
         self.opt.optimizer.step()
         self.state = detach_state(state)
         return value
@@ -199,9 +219,20 @@ class Trainer:
         try:
             return self._fit()
         except Diverged as e:
-            log(f"error: {e}; stopped without saving: {self.run_dir}/last.pt and best.pt keep the last good "
-                       "state (lower optim.lr or set optim.clip)")
+            kept = [n for n in ("last.pt", "best.pt") if (self.run_dir / n).is_file()]
+            where = (f"{' and '.join(f'{self.run_dir}/{n}' for n in kept)} keep{'s' if len(kept) == 1 else ''} the "
+                     "last good state" if kept else "no checkpoint was written yet (it diverged before the first "
+                     "validation)")
+            if self.dist.is_main:
+                tqdm.write(f"error: {e}; stopped without saving: {where} (lower optim.lr or set optim.clip)",
+                           file=sys.stderr)
             return EXIT_DIVERGED
+        except OSError as e:  # disk full, read-only file system: atomic writes left the earlier files intact
+            kept = [n for n in ("last.pt", "best.pt") if (self.run_dir / n).is_file()]
+            raise StorageError(f"{e if isinstance(e, StorageError) else storage_error(Path(e.filename) if e.filename else self.run_dir, e)}; "
+                               + (f"{' and '.join(kept)} in {self.run_dir} are intact: free space or fix the file "
+                                  f"system, then resume with python train.py --run-dir {self.run_dir} --resume"
+                                  if kept else "no checkpoint was written yet")) from None
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
