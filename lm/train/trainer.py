@@ -212,30 +212,40 @@ class Trainer:
 
     def fit(self) -> int:
         """Train until max_epochs, max_steps, early stopping or a signal. Returns an exit code."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.write_config()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.write_config()
+        except OSError as e:
+            raise self._storage_error(e) from None
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._wall_start = time.perf_counter()  # wall time counts from the first step, not data loading
         try:
             return self._fit()
         except Diverged as e:
-            kept = [n for n in ("last.pt", "best.pt") if (self.run_dir / n).is_file()]
-            where = (f"{' and '.join(f'{self.run_dir}/{n}' for n in kept)} keep{'s' if len(kept) == 1 else ''} the "
-                     "last good state" if kept else "no checkpoint was written yet (it diverged before the first "
-                     "validation)")
+            kept = self._kept()
+            where = (f"{' and '.join(kept)} in {self.run_dir} keep{'s' if len(kept) == 1 else ''} the last good "
+                     "state" if kept else "no checkpoint was written yet (it diverged before the first validation)")
             if self.dist.is_main:
                 tqdm.write(f"error: {e}; stopped without saving: {where} (lower optim.lr or set optim.clip)",
                            file=sys.stderr)
             return EXIT_DIVERGED
         except OSError as e:  # disk full, read-only file system: atomic writes left the earlier files intact
-            kept = [n for n in ("last.pt", "best.pt") if (self.run_dir / n).is_file()]
-            raise StorageError(f"{e if isinstance(e, StorageError) else storage_error(Path(e.filename) if e.filename else self.run_dir, e)}; "
-                               + (f"{' and '.join(kept)} in {self.run_dir} are intact: free space or fix the file "
-                                  f"system, then resume with python train.py --run-dir {self.run_dir} --resume"
-                                  if kept else "no checkpoint was written yet")) from None
+            raise self._storage_error(e) from None
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
+
+    def _kept(self) -> list[str]:
+        return [n for n in ("last.pt", "best.pt") if (self.run_dir / n).is_file()]
+
+    def _storage_error(self, e: OSError) -> StorageError:
+        """One line: what could not be written, and what is intact (README, "Guarantees": exit code 3)."""
+        kept = self._kept()
+        first = e if isinstance(e, StorageError) else storage_error(Path(e.filename) if e.filename else self.run_dir, e)
+        return StorageError(f"{first}; " + (f"{' and '.join(kept)} in {self.run_dir} {'are' if len(kept) > 1 else 'is'} "
+                                            "intact: free space or fix the file system, then resume with python "
+                                            f"train.py --run-dir {self.run_dir} --resume" if kept
+                                            else "no checkpoint was written yet"))
 
     def _fit(self) -> int:
         t = self.cfg.train
