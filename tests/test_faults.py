@@ -53,6 +53,8 @@ def call(capsys, script, *args):
         code = main([str(a) for a in args])
     except SystemExit as e:
         code = e.code
+    except KeyboardInterrupt:  # would stop pytest itself
+        code = "KeyboardInterrupt escaped"
     out = capsys.readouterr()
     return code, out.out, out.err
 
