@@ -3,6 +3,7 @@ and nothing already written is lost. Also --help and --list-regularizers."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -125,7 +126,8 @@ def test_force_replaces_run_dir(ptb_dir, tmp_path):
     (run_dir / "config.yaml").write_text("train: {seed: 3}\n")
     (run_dir / "metrics.jsonl").write_text('{"step": 99}\n')
     assert train_script.main(["--config", str(cfg), "--run-dir", str(run_dir), "--force"]) == 0
-    assert "99" not in (run_dir / "metrics.jsonl").read_text() and (run_dir / "results.json").exists()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] and (run_dir / "results.json").exists()
 
 
 def test_resume_without_run(run, tmp_path):

@@ -410,6 +410,23 @@ def test_ctrl_c_during_start_up(capsys, run_copy, monkeypatch):
     assert snapshot(run) == before
 
 
+def test_ctrl_c_during_start_up_in_a_real_process(tmp_path, ptb_dir):
+    """SIGINT 2 s after the start: the process is importing torch or tokenizing the full char PTB
+    (a fresh data root, so no cache), long before its first step."""
+    import signal
+    import time
+
+    env = {**os.environ, "FLIPOUT_LM_DATA": str(tmp_path / "data")}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "train.py"), "--config", "quickstart", "--run-dir",
+                             str(tmp_path / "run"), "--train.max_steps", "1"], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=120)
+    one_line((proc.returncode, out, err), 130, "interrupted (Ctrl-C) before training started")
+    assert not (tmp_path / "run").exists()
+
+
 # -- 17: checkpoints with non-finite weights --------------------------------------------------
 def test_evaluate_and_generate_refuse_non_finite_weights(capsys, trained, tmp_path):
     ck = torch.load(trained[1] / "best.pt", weights_only=True)

@@ -8,6 +8,8 @@
   holder. The kernel drops the lock when its process dies (even by ``kill -9``), so a lock file
   left by a dead process never blocks.
 * :func:`replace_run` (``--force``, once the new run is built): the old run's files go.
+* :func:`diverged_note`, :func:`storage_failure`: the one-line messages of a diverged run and of a
+  failed write, naming the checkpoints that are intact (or that none was written yet).
 * :func:`repair` (every start, under the lock): temporary files of an interrupted write are
   removed; on resume, ``metrics.jsonl`` rows past ``last.pt``'s step (logged after the last
   checkpoint, then replayed) are dropped.
@@ -26,7 +28,7 @@ import sys
 from pathlib import Path
 
 from lm.errors import StorageError, UserError
-from lm.files import atomic_write
+from lm.files import atomic_write, storage_error
 
 LOCK = ".lock"
 TEMP = re.compile(r"^\..+\.tmp\d+$")  # lm.files.atomic_write's temporary files
@@ -162,3 +164,26 @@ def repair(run_dir: Path, last_step: int | None) -> None:
         atomic_write(metrics, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in keep)))
         print(f"notice: dropped {len(lines) - len(keep)} row(s) of {metrics} logged after last.pt's step "
               f"{last_step}", file=sys.stderr)
+
+
+def _kept(run_dir: Path) -> list[str]:
+    return [n for n in ("last.pt", "best.pt") if (run_dir / n).is_file()]
+
+
+def diverged_note(run_dir: Path) -> str:
+    """What a diverged run leaves: the checkpoints that keep the last good state, or that there are none."""
+    kept = _kept(run_dir)
+    if not kept:
+        return "no checkpoint was written yet (it diverged before the first validation)"
+    return f"{' and '.join(kept)} in {run_dir} keep{'s' if len(kept) == 1 else ''} the last good state"
+
+
+def storage_failure(run_dir: Path, e: OSError) -> StorageError:
+    """One line for a failed write during a run: what could not be written and what is intact (exit code 3)."""
+    first = e if isinstance(e, StorageError) else storage_error(Path(e.filename) if e.filename else run_dir, e)
+    kept = _kept(run_dir)
+    if not kept:
+        return StorageError(f"{first}; no checkpoint was written yet")
+    return StorageError(f"{first}; {' and '.join(kept)} in {run_dir} {'are' if len(kept) > 1 else 'is'} intact: "
+                        f"free space or fix the file system, then resume with python train.py --run-dir {run_dir} "
+                        "--resume")

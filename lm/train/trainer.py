@@ -30,8 +30,7 @@ from lm.data.batching import num_windows
 from lm.data.custom import load_data, save_tokenizer
 from lm.eval.evaluation import evaluate
 from lm.eval.metrics import add_text_bpc, from_nats, metric_name
-from lm.errors import StorageError
-from lm.files import atomic_write, storage_error
+from lm.files import atomic_write
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
@@ -39,6 +38,7 @@ from lm.train.distributed import Single, current
 from lm.train.optim import Optimization
 from lm.train.preflight import allocation_error, check_memory, check_sizes
 from lm.train.resume import apply_overrides
+from lm.train.rundir import diverged_note, storage_failure
 from lm.train.tensorboard import TensorBoard
 
 EXIT_INTERRUPTED = 128  # + signal number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
@@ -216,36 +216,21 @@ class Trainer:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             self.write_config()
         except OSError as e:
-            raise self._storage_error(e) from None
+            raise storage_failure(self.run_dir, e) from None
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._wall_start = time.perf_counter()  # wall time counts from the first step, not data loading
         try:
             return self._fit()
         except Diverged as e:
-            kept = self._kept()
-            where = (f"{' and '.join(kept)} in {self.run_dir} keep{'s' if len(kept) == 1 else ''} the last good "
-                     "state" if kept else "no checkpoint was written yet (it diverged before the first validation)")
             if self.dist.is_main:
-                tqdm.write(f"error: {e}; stopped without saving: {where} (lower optim.lr or set optim.clip)",
-                           file=sys.stderr)
+                tqdm.write(f"error: {e}; stopped without saving: {diverged_note(self.run_dir)} (lower optim.lr or "
+                           "set optim.clip)", file=sys.stderr)
             return EXIT_DIVERGED
         except OSError as e:  # disk full, read-only file system: atomic writes left the earlier files intact
-            raise self._storage_error(e) from None
+            raise storage_failure(self.run_dir, e) from None
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
-
-    def _kept(self) -> list[str]:
-        return [n for n in ("last.pt", "best.pt") if (self.run_dir / n).is_file()]
-
-    def _storage_error(self, e: OSError) -> StorageError:
-        """One line: what could not be written, and what is intact (README, "Guarantees": exit code 3)."""
-        kept = self._kept()
-        first = e if isinstance(e, StorageError) else storage_error(Path(e.filename) if e.filename else self.run_dir, e)
-        return StorageError(f"{first}; " + (f"{' and '.join(kept)} in {self.run_dir} {'are' if len(kept) > 1 else 'is'} "
-                                            "intact: free space or fix the file system, then resume with python "
-                                            f"train.py --run-dir {self.run_dir} --resume" if kept
-                                            else "no checkpoint was written yet"))
 
     def _fit(self) -> int:
         t = self.cfg.train
