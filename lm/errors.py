@@ -40,7 +40,8 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     """Call ``main(argv)``; print a :class:`UserError` as ``error: ...`` on stderr and return its exit code.
 
     Ctrl-C before training installs its own handler (loading data, building the model) prints one
-    line and returns 130; nothing of the run directory has been changed by then.
+    line and returns 130 (the run directory is only changed once the run is built, see
+    :mod:`lm.train.rundir`).
     """
     try:
         return int(main(argv) or 0)
@@ -48,6 +49,5 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C) before training started; the run directory was not changed",
-              file=sys.stderr)
+        print("error: interrupted (Ctrl-C) before training started; no checkpoint was written", file=sys.stderr)
         return EXIT_SIGINT

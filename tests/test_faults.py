@@ -157,6 +157,19 @@ def test_resume_lr_override_sets_the_current_rate_and_is_logged(capsys, run_copy
     assert [r["event"] for r in rows[:-1]] == ["", ""]
 
 
+def test_resume_allows_what_does_not_change_the_run(capsys, run_copy, ptb_dir):
+    """A moved PTB copy, and a config.yaml that a resume rewrote before it crashed (stopping keys differ
+    from last.pt's): neither is a foreign checkpoint."""
+    _, run = run_copy
+    saved = yaml.safe_load((run / "config.yaml").read_text())
+    saved["train"]["max_epochs"] = 3
+    (run / "config.yaml").write_text(yaml.safe_dump(saved))
+    code, _, err = call(capsys, "train", "--run-dir", run, "--resume", "--data.ptb_dir", f"{ptb_dir}/",
+                        "--train.max_steps", "6")
+    assert code == 0, err
+    assert steps(run) == [2, 4, 6]
+
+
 def test_resume_refuses_a_last_pt_of_another_run(capsys, run_copy, tmp_path):
     cfg, run = run_copy
     other = tmp_path / "other"

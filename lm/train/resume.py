@@ -3,7 +3,8 @@
 A resumed run continues from ``last.pt`` with its saved ``config.yaml`` as the base config.
 Keys fall in three groups (README, "Guarantees"):
 
-* fixed by the run (:data:`FIXED`): the data, the model, the regularizer's name, the optimizer
+* fixed by the run (:data:`FIXED_SECTIONS`, :data:`FIXED_KEYS`): the data (except
+  ``data.ptb_dir``, where the checksummed PTB files lie), the model, the regularizer's name, the optimizer
   and its schedule, the batch size and the seed. ``last.pt`` holds weights of that shape, a
   position in those streams, that optimizer's state and that random state, so an override of
   one of them is a one-line error (exit 2) naming the key; start a new run instead.
@@ -32,7 +33,12 @@ FIXED_KEYS = {"regularizer.name": "the weights in last.pt were trained with it",
               "train.seed": "the random state comes from last.pt"}
 
 
+RELOCATABLE = {"data.ptb_dir"}  # where the files lie; their content is checked by SHA-256 anyway
+
+
 def _why(key: str) -> str | None:
+    if key in RELOCATABLE:
+        return None
     return FIXED_KEYS.get(key) or FIXED_SECTIONS.get(key.split(".")[0])
 
 
