@@ -116,6 +116,22 @@ def test_second_start_on_a_locked_run_directory_names_the_holder(capsys, run_cop
         holder.wait()
 
 
+def test_two_trainings_started_together_on_one_directory(tmp_path, trained):
+    """The battery's case: both used to exit 0 and leave a mixture. Now one trains, the other exits 2."""
+    run = tmp_path / "run"
+    cmd = [sys.executable, str(ROOT / "train.py"), "--config", str(trained[0]), "--run-dir", str(run),
+           "--train.max_steps", "20", "--train.eval_every_steps", "10", "--train.progress", "false"]
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 2], [err for _, _, err in results]
+    loser = next(err for code, _, err in results if code == 2)
+    assert "in use by process" in loser or "already exists" in loser, loser
+    assert steps(run) == [10, 20]
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 20
+
+
 def test_lock_of_a_dead_process_does_not_block(capsys, tmp_path, trained):
     run = tmp_path / "run"
     run.mkdir()
