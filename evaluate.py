@@ -8,7 +8,12 @@ Also ``python evaluate.py compare RUN_DIR...`` (tables and curves of runs) and
 import sys
 
 from lm.errors import run_cli
-from lm.cli.evaluate import main as _main
+
+
+def _main(argv):
+    from lm.cli.evaluate import main as real_main  # imported inside run_cli: Ctrl-C while torch loads is one line too
+
+    return real_main(argv)
 
 
 def main(argv=None) -> int:

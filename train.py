@@ -8,7 +8,12 @@ your own text: ``data.path`` (docs/workflow.md).
 import sys
 
 from lm.errors import run_cli
-from lm.cli.train import main as _main
+
+
+def _main(argv):
+    from lm.cli.train import main as real_main  # imported inside run_cli: Ctrl-C while torch loads is one line too
+
+    return real_main(argv)
 
 
 def main(argv=None) -> int:

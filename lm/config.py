@@ -208,22 +208,50 @@ SECTIONS: dict[str, Any] = {f.name: f.default_factory for f in dataclasses.field
 
 def resolve_config_path(name: str) -> Path:
     """A path as given, else a file name (with or without ``.yaml``) under ``configs/``."""
+    if Path(name).is_dir():
+        raise UserError(f"config {name!r} is a directory: give a YAML file (a path or a file name under {CONFIG_DIR})")
     for candidate in (Path(name), CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
         if candidate.is_file():
             return candidate
     raise UserError(f"config file {name!r} not found: give a path or a file name under {CONFIG_DIR}")
 
 
-def _read_yaml(path: Path) -> dict:
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping (PyYAML keeps the last silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise UserError(f"key {key!r} appears twice (lines {seen[key]} and {key_node.start_mark.line + 1}): "
+                                "keep one")
+            seen[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path, what: str = "config") -> dict:
+    """A YAML mapping of sections from ``path``; bad syntax (with its line), duplicate keys or a
+    section that is not a mapping are a one-line :class:`UserError`."""
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(Path(path).read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+    except UserError as e:
+        raise UserError(f"{what} {path}: {e}") from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise UserError(f"cannot read {what} {path}: {where}{e.problem or e.context}; fix the YAML syntax") from None
     except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f"cannot read config {path}: {first}; fix the YAML syntax") from None
+        raise UserError(f"cannot read {what} {path}: {first}; fix the YAML syntax") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise UserError(f"config {path} must be a mapping of sections (data, model, ...), got {type(data).__name__}")
+        raise UserError(f"{what} {path} must be a mapping of sections (data, model, ...), got {type(data).__name__}")
+    for section, value in data.items():
+        if section in SECTIONS and value is not None and not isinstance(value, dict):
+            raise UserError(f"{what} {path}: section {section} must be a mapping of keys (e.g. {section}: "
+                            f"{{key: value}}), got {type(value).__name__} {value!r}")
     return data
 
 
@@ -252,7 +280,8 @@ def parse_overrides(args: Sequence[str]) -> list[str]:
             out.append(arg[2:])
             i += 1
         else:
-            if i + 1 >= len(args):
+            following = args[i + 1] if i + 1 < len(args) else None
+            if following is None or (following.startswith("--") and "." in following.split("=")[0]):
                 raise UserError(f"override {arg} has no value: write {arg} VALUE")
             out.append(f"{arg[2:]}={args[i + 1]}")
             i += 2
@@ -267,7 +296,7 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
         if base is not None:
             cfg = OmegaConf.merge(cfg, base)
         if path is not None:
-            cfg = OmegaConf.merge(cfg, _read_yaml(resolve_config_path(str(path))))
+            cfg = OmegaConf.merge(cfg, read_yaml(resolve_config_path(str(path))))
         if overrides:
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist(list(overrides)))
         return OmegaConf.to_object(cfg)  # type: ignore[return-value]  # runs every __post_init__

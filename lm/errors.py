@@ -1,4 +1,9 @@
-"""User-facing errors and the wrapper that turns them into one line and exit code 2."""
+"""User-facing errors and the wrapper that turns them into one line and a documented exit code.
+
+Exit codes (README, "Guarantees"): 0 done; 1 the run diverged; 2 bad input (config, data,
+checkpoint, CLI, run directory); 3 the run directory could not be written (disk full,
+read-only file system); 130 / 143 interrupted by Ctrl-C (SIGINT) / SIGTERM.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,10 @@ import os
 import sys
 import time
 from typing import Callable, Sequence
+
+EXIT_USER = 2
+EXIT_STORAGE = 3
+EXIT_SIGINT = 130
 
 # Under torchrun, how long a process other than rank 0 holds back its error line. Every process
 # reads the same command line and data, so a bad input fails all of them at about the same moment:
@@ -22,6 +31,20 @@ class UserError(Exception):
     it is printed once, by rank 0 (see :func:`run_cli`).
     """
 
+    exit_code = EXIT_USER
+
+
+class StorageError(UserError, OSError):
+    """A file of the run could not be written (disk full, read-only file system): one line, exit code 3.
+
+    Also an :class:`OSError`, so best-effort writers (data caches) that skip an ``OSError`` still do.
+    """
+
+    exit_code = EXIT_STORAGE
+
+    def __str__(self) -> str:  # OSError would format its args as "[Errno ...]"
+        return str(self.args[0]) if self.args else ""
+
 
 def _rank() -> int:
     """This process's rank under torchrun (``RANK``), 0 otherwise."""
@@ -32,10 +55,13 @@ def _rank() -> int:
 
 
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
-    """Call ``main(argv)``; print a :class:`UserError` as ``error: ...`` on stderr and return 2.
+    """Call ``main(argv)``; print a :class:`UserError` as ``error: ...`` on stderr and return its exit code.
 
     Under torchrun rank 0 prints at once; another rank prints (naming itself) only if it is
-    still alive after ``QUIET_RANK_GRACE_S``, i.e. if rank 0 did not fail too."""
+    still alive after ``QUIET_RANK_GRACE_S``, i.e. if rank 0 did not fail too. Ctrl-C before
+    training installs its own handler (loading data, building the model) prints one line and
+    returns 130 (the run directory is only changed once the run is built, see :mod:`lm.train.rundir`).
+    """
     try:
         return int(main(argv) or 0)
     except UserError as e:
@@ -43,4 +69,7 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
         if rank:
             time.sleep(QUIET_RANK_GRACE_S)
         print(f"error: {f'(process {rank}) ' if rank else ''}{e}", file=sys.stderr)
-        return 2
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C) before training started; no checkpoint was written", file=sys.stderr)
+        return EXIT_SIGINT

@@ -3,6 +3,7 @@ and nothing already written is lost. Also --help and --list-regularizers."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -118,12 +119,15 @@ def test_existing_run_dir_is_not_overwritten(run, ptb_dir, tmp_path):
 
 
 def test_force_replaces_run_dir(ptb_dir, tmp_path):
+    """--force replaces a run directory (one of a foreign folder is refused: tests/test_faults.py)."""
     cfg = write_tiny(tmp_path, train={"max_steps": 2})
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    (run_dir / "old.txt").write_text("x")
+    (run_dir / "config.yaml").write_text("train: {seed: 3}\n")
+    (run_dir / "metrics.jsonl").write_text('{"step": 99}\n')
     assert train_script.main(["--config", str(cfg), "--run-dir", str(run_dir), "--force"]) == 0
-    assert not (run_dir / "old.txt").exists() and (run_dir / "results.json").exists()
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [2] and (run_dir / "results.json").exists()
 
 
 def test_resume_without_run(run, tmp_path):

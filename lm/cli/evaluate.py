@@ -16,6 +16,7 @@ from lm.errors import UserError
 from lm.eval.evaluation import evaluate
 from lm.eval.metrics import add_text_bpc, metric_name
 from lm.train.checkpoint import load_model
+from lm.train.preflight import check_split_size
 
 
 def _subcommand(name: str, argv: Sequence[str]) -> int:
@@ -54,9 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     cfg = load_config(base=ck["config"])
     corpus = load_data(cfg, Path(args.checkpoint).parent)  # PTB, or the run's own corpus and tokenizer
     if corpus.vocab != list(ck["vocab"]):
+        if cfg.data.path is not None:
+            raise UserError(f"checkpoint {args.checkpoint} was trained on corpus {cfg.data.path} with another "
+                            f"vocabulary ({len(ck['vocab'])} symbols, now {len(corpus.vocab)}): its training split "
+                            "(or tokenizer) changed since; restore the text it was trained on")
         raise UserError(f"checkpoint {args.checkpoint} was trained with another vocabulary than this corpus: "
                         "point PTB_DIR/data.ptb_dir at the data it was trained on")
     data = corpus.split(args.split)[: args.max_tokens] if args.max_tokens else corpus.split(args.split)
+    batch = args.batch_size or cfg.eval.batch_size
+    what = f"the {args.split} split" + (f" (--max-tokens {args.max_tokens})" if args.max_tokens else "")
+    check_split_size(what, data.numel(), batch, "the evaluation batch size",
+                     "lower --batch-size" + (" or raise --max-tokens" if args.max_tokens else ""))
     with torch.inference_mode():
         result = evaluate(model, data, corpus.level,
                           args.batch_size or cfg.eval.batch_size, args.bptt or cfg.eval.bptt)

@@ -16,9 +16,7 @@ import os
 from pathlib import Path
 from typing import Callable, Sequence
 
-import yaml
-
-from lm.config import RUNTIME_KEYS, flatten, load_config, parse_overrides, to_dict
+from lm.config import RUNTIME_KEYS, flatten, load_config, parse_overrides, read_yaml, to_dict
 from lm.errors import UserError
 
 EXIT_INTERRUPTED_MIN = 128
@@ -48,7 +46,7 @@ def plan(config: str, overrides: Sequence[str], base: Path, seeds: Sequence[int]
             steps.append((seed, run, "restart"))
             continue
         saved = run / "config.yaml"
-        diff = config_differences(yaml.safe_load(saved.read_text()) or {}, wanted) if saved.is_file() else ["all"]
+        diff = config_differences(read_yaml(saved, "run config"), wanted) if saved.is_file() else ["all"]
         if diff:
             raise UserError(f"{run} was trained with another config (differs in {', '.join(diff[:5])}): rerun with "
                             "--force to restart every seed, or give another --run-dir")

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import shutil
 from pathlib import Path
 from typing import Sequence
 
-import yaml
-
-from lm.config import config_help, load_config, parse_overrides
+from lm.config import config_help, load_config, parse_overrides, read_yaml, to_dict
 from lm.errors import UserError
 from lm.regularizers import build_regularizer, describe
+from lm.train.rundir import check_target
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +37,16 @@ def _run_dir(args: argparse.Namespace) -> Path:
     raise UserError("no --config given: pass --config FILE (or --run-dir DIR --resume to continue a run)")
 
 
+def _resume_base(run_dir: Path) -> dict:
+    """The run's saved config.yaml (a damaged one is a one-line error naming it)."""
+    saved = run_dir / "config.yaml"
+    base = read_yaml(saved, "run config")
+    try:
+        return to_dict(load_config(base=base))
+    except UserError as e:
+        raise UserError(f"run config {saved} is damaged ({e}): fix it or put back the run's own config.yaml") from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args, rest = build_parser().parse_known_args(argv)
     if args.list_regularizers:
@@ -52,25 +60,40 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError("--resume and --force contradict each other: keep one")
     overrides = parse_overrides(rest)
     run_dir = _run_dir(args)
-    base = None
-    if args.resume:
-        saved = run_dir / "config.yaml"
-        if not (run_dir / "last.pt").is_file() or not saved.is_file():
-            raise UserError(f"cannot resume: {run_dir} has no last.pt and config.yaml; train it first without --resume")
-        base = yaml.safe_load(saved.read_text())
-    elif not args.config:
+    if not args.resume and not args.config:
         raise UserError("no --config given: pass --config FILE (or --run-dir DIR --resume to continue a run)")
+    check_target(run_dir, args.resume, args.force)  # a file, a foreign directory, an existing run: touches nothing
+    base = _resume_base(run_dir) if args.resume else None
     cfg = load_config(args.config, overrides, base=base)
     build_regularizer(cfg.regularizer)  # validate regularizer options before touching the run directory
-    if run_dir.exists() and any(run_dir.iterdir()) and not args.resume:
-        if not args.force:
-            raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it, --force to "
-                            "replace it, or --run-dir for a new one")
+    from lm.train.checkpoint import load_checkpoint
     from lm.train.distributed import session
+    from lm.train.resume import check_resume
+    from lm.train.rundir import RunLock, repair, replace_run
     from lm.train.trainer import Trainer  # heavy import after argument checks: fast --help and errors
 
+    if args.resume:  # overrides are checked against last.pt before config.yaml is rewritten
+        ck_config = load_checkpoint(run_dir / "last.pt").get("config")
+        try:
+            ck_config = to_dict(load_config(base=ck_config))
+        except (UserError, ValueError, TypeError):
+            raise UserError(f"{run_dir}/last.pt holds no valid config: it was not written by this run's "
+                            "train.py; put back the run's own last.pt") from None
+        check_resume(base, ck_config, cfg, run_dir)
     with session(cfg.train.device) as dist:  # a torchrun rank joins its process group (docs/workflow.md)
-        trainer = Trainer(cfg, run_dir, resume=args.resume, dist=dist)  # loads data, builds the model: may raise
-        if args.force and run_dir.exists() and dist.is_main:
-            shutil.rmtree(run_dir)
-        return trainer.fit()
+        # data, sizes, memory, the model and (on resume) last.pt: all before the run directory changes
+        trainer = Trainer(cfg, run_dir, resume=args.resume, dist=dist)
+        lock = RunLock(run_dir)
+
+        def claim() -> None:  # rank 0 only; its error reaches every rank
+            lock.acquire()
+            check_target(run_dir, args.resume, args.force)  # again under the lock: another start may have won
+            if args.force:
+                replace_run(run_dir)
+            repair(run_dir, trainer.step if args.resume else None)
+
+        dist.main_first(lambda: claim() if dist.is_main else None, lambda _: [])
+        try:
+            return trainer.fit()
+        finally:
+            lock.release()

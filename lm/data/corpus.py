@@ -10,6 +10,7 @@ appearance, then ``<eos>`` if it has not appeared.
 from __future__ import annotations
 
 import hashlib
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -76,18 +77,56 @@ def _cache_path(level: str, digests: dict[str, str]) -> Path:
     return data_root() / "cache" / f"ptb-{level}-{key}-v{CACHE_VERSION}.pt"
 
 
+def _digest(payload: dict) -> str:
+    """SHA-256 over the vocabulary and the bytes of every encoded split."""
+    h = hashlib.sha256("\n".join(payload["vocab"]).encode())
+    for s in SPLITS:
+        h.update(payload[s].contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _cache_problem(payload) -> str | None:
+    """Why a loaded cache cannot be used (None: it is intact): structure, lengths, checksum, id range."""
+    if not isinstance(payload, dict) or not isinstance(payload.get("vocab"), list) or "check" not in payload:
+        return "it has no checksum (written by an older version) or is not a cache"
+    check = payload["check"]
+    for s in SPLITS:
+        t = payload.get(s)
+        if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int32:
+            return f"its {s} split is not a 1-D int32 array"
+        if t.numel() != check["lengths"][s]:
+            return f"its {s} split has {t.numel()} tokens, {check['lengths'][s]} expected"
+    if _digest(payload) != check["sha256"]:
+        return "checksum mismatch"
+    for s in SPLITS:
+        t = payload[s]
+        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= len(payload["vocab"])):
+            return f"its {s} split has token ids outside the {len(payload['vocab'])}-symbol vocabulary"
+    return None
+
+
 def load_cache(path: Path) -> dict | None:
-    """A cached payload, or None when absent or damaged (a damaged cache is rebuilt, never fatal)."""
+    """A cached payload, or None when absent or damaged (a damaged cache is rebuilt, never fatal).
+
+    Every cache holds the SHA-256 and the lengths of its encoded arrays (:func:`save_cache`); a
+    file that does not match them is rebuilt with a one-line notice on stderr.
+    """
     if not path.is_file():
         return None
     try:
-        return torch.load(path, weights_only=True)
-    except Exception:
-        return None
+        payload = torch.load(path, weights_only=True)
+        problem = _cache_problem(payload)
+    except Exception as e:
+        problem = "unreadable (" + ((str(e).strip().splitlines() or [type(e).__name__])[0][:80]) + ")"
+    if problem is None:
+        return payload
+    print(f"notice: data cache {path} is damaged ({problem}); rebuilding it", file=sys.stderr)
+    return None
 
 
 def save_cache(path: Path, payload: dict) -> None:
-    """Best effort: a read-only data root just means no cache."""
+    """Best effort: a read-only data root just means no cache. Adds the checksum :func:`load_cache` checks."""
+    payload = {**payload, "check": {"sha256": _digest(payload), "lengths": {s: payload[s].numel() for s in SPLITS}}}
     try:
         atomic_write(path, lambda tmp: torch.save(payload, tmp))
     except OSError:

@@ -51,4 +51,9 @@ def load_model(path: str | Path, device: str = "auto") -> tuple[LanguageModel, d
     except (KeyError, RuntimeError) as e:
         first = (str(e).splitlines() or [""])[0][:120]
         raise UserError(f"checkpoint {path} does not match its stored config ({first}): it is damaged") from None
+    bad = [k for k, v in ck["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise UserError(f"checkpoint {path} has non-finite weights (NaN or inf in {bad[0]}"
+                        f"{f' and {len(bad) - 1} more' if len(bad) > 1 else ''}): it comes from a diverged run; "
+                        "use an earlier checkpoint or retrain with a lower optim.lr")
     return model.to(resolve_device(device)).eval(), ck

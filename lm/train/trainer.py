@@ -37,6 +37,9 @@ from lm.nn.rng import shared_noise
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
 from lm.train.optim import Optimization
+from lm.train.preflight import allocation_error, check_memory, check_sizes
+from lm.train.resume import apply_overrides
+from lm.train.rundir import diverged_note, storage_failure
 from lm.train.streams import rng_state
 from lm.train.tensorboard import TensorBoard
 
@@ -72,7 +75,12 @@ class Trainer:
         self.corpus = corpus or self.dist.main_first(lambda: load_data(cfg, self.run_dir if resume else None),
                                                      lambda c: c.vocab)
         self.level = self.corpus.level
-        self.model = LanguageModel(cfg.model, cfg.regularizer, len(self.corpus.vocab)).to(self.device)
+        check_sizes(cfg, self.corpus, self.dist.world)  # a batch larger than its data fails now, not at validation
+        check_memory(cfg, len(self.corpus.vocab), self.device)
+        try:
+            self.model = LanguageModel(cfg.model, cfg.regularizer, len(self.corpus.vocab)).to(self.device)
+        except (RuntimeError, MemoryError) as e:
+            raise allocation_error(e, cfg, len(self.corpus.vocab)) or e from None
         self.train_data = self.dist.shard(batchify(self.corpus.train, cfg.train.batch_size)).to(self.device)
         self.net = self.dist.wrap(self.model, self.device)  # the model, or DDP around it
         self.opt = Optimization(cfg, self.model)
@@ -83,10 +91,12 @@ class Trainer:
         self.state = self.model.init_state(self.train_data.size(1))
         self.interrupted: int | None = None
         rng_ranks = None  # every process's noise stream from last.pt
+        self.resume_event = ""  # overrides applied on resume, logged with the next validation
         if resume:
             ck = load_checkpoint(self.run_dir / "last.pt")
             self._restore(ck)
             rng_ranks = ck.get("rng_ranks")
+            self.resume_event = apply_overrides(self.opt, ck["config"], cfg)
         self.dist.seed_noise(cfg.train.seed, self.step, rng_ranks, self.device)  # no-op in one process
         self.tb = TensorBoard(self.run_dir / "tensorboard") if cfg.train.tensorboard and self.dist.is_main else None
 
@@ -122,6 +132,9 @@ class Trainer:
 
     def save(self, name: str, model_state: dict | None = None) -> None:
         payload = self._payload(model_state)  # on every rank: it gathers the hidden state
+        bad = [k for k, v in payload["model"].items() if v.is_floating_point() and not torch.isfinite(v).all()]
+        if bad:  # never let a checkpoint hold what a diverged step wrote
+            raise Diverged(f"non-finite weights ({bad[0]}) at step {self.step}")
         if self.dist.is_main:
             save_checkpoint(self.run_dir / name, payload)
 
@@ -151,7 +164,8 @@ class Trainer:
                 self.save("best.pt", {k: v.clone() for k, v in self.model.state_dict().items()})
         if not improved:
             self.bad_validations += 1
-        event = self.opt.after_validation(val["loss"])
+        event = "; ".join(e for e in (self.resume_event, self.opt.after_validation(val["loss"])) if e)
+        self.resume_event = ""
         m = metric_name(self.level)
         record = {"epoch": self.epoch + self.pos / max(1, self.train_data.size(0) - 1), "step": self.step,
                   "lr": self.opt.lr, "train_loss": train_loss, f"train_{m}": from_nats(train_loss, self.level),
@@ -189,24 +203,35 @@ class Trainer:
         value = self.dist.mean(loss.item())  # all ranks see a divergence
         if not math.isfinite(value):
             raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
-        if self.cfg.optim.clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip)
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if self.cfg.optim.clip:  # the global norm before clipping; DDP has already averaged the gradients
+            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        if not math.isfinite(float(norm)):  # a finite loss can still have inf/NaN gradients: stop before the update
+            raise Diverged(f"non-finite gradient norm ({float(norm)}) at step {self.step + 1}")
         self.opt.optimizer.step()
         self.state = detach_state(state)
         return value
 
     def fit(self) -> int:
         """Train until max_epochs, max_steps, early stopping or a signal. Returns an exit code."""
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.write_config()
+        try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.write_config()
+        except OSError as e:
+            raise storage_failure(self.run_dir, e) from None
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
         self._wall_start = time.perf_counter()  # wall time counts from the first step, not data loading
         try:
             return self._fit()
         except Diverged as e:
-            log(f"error: {e}; stopped without saving: {self.run_dir}/last.pt and best.pt keep the last good "
-                       "state (lower optim.lr or set optim.clip)")
+            if self.dist.is_main:
+                tqdm.write(f"error: {e}; stopped without saving: {diverged_note(self.run_dir)} (lower optim.lr or "
+                           "set optim.clip)", file=sys.stderr)
             return EXIT_DIVERGED
+        except OSError as e:  # disk full, read-only file system: atomic writes left the earlier files intact
+            raise storage_failure(self.run_dir, e) from None
         finally:
             for s, handler in old.items():
                 signal.signal(s, handler)
