@@ -4,20 +4,22 @@
 Running whole epochs of the paper configs takes hours on a CPU, so this script times a few
 training steps and a slice of the validation set, and extrapolates:
 
-* ``step_s``: median-free mean seconds per optimizer step over ``--steps`` steps (after
+* ``step_s``: mean seconds per optimizer step over ``--steps`` steps (after
   ``--warmup`` untimed steps), from the start of the first epoch of the real PTB;
 * ``steps_per_epoch``: ``ceil((train tokens / batch - 1) / bptt)`` windows (exact for fixed BPTT);
 * ``valid_s``: one validation, timed on the first ``--valid-tokens`` tokens of the validation set
   and scaled by its size (evaluation cost is linear in tokens at a fixed batch);
 * ``epoch_s = step_s * steps_per_epoch + validations_per_epoch * valid_s``;
 * disk: ``best.pt`` and ``last.pt`` each hold the weights (4 bytes per parameter) and the
-  optimizer state (AMSGrad: 3 more values per parameter; plain SGD: none), i.e.
+  optimizer state (AMSGrad: 3 more values per parameter; plain SGD: none), i.e. about
   ``4 * params * (1 + state per parameter)`` bytes each; both files are written for real into a
   temporary directory and their sizes reported beside the formula.
 
 ``--lock PATH`` takes an exclusive ``flock`` on PATH around each config's timed part only
 (data loading and model building happen outside it), so a shared machine is held for about
-a minute at a time. Usage::
+a minute at a time. ``cpu_per_wall`` (process CPU seconds per wall second while timing; about the
+thread count when the machine is otherwise idle) and the load average before timing say whether
+anything else competed for the cores. Usage::
 
     PTB_DIR=../shared/data/ptb python bench/epoch_time.py --lock /work/cpu.lock --json runs/epoch_time.json
     python bench/epoch_time.py char_flipout.yaml word_wd_flipout.yaml --steps 20
@@ -29,7 +31,7 @@ import argparse
 import contextlib
 import fcntl
 import json
-import math
+import os
 import platform
 import sys
 import tempfile
@@ -79,11 +81,13 @@ def measure(name: str, steps: int, warmup: int, valid_tokens: int, lock: str | N
             for _ in range(warmup):
                 _, x, y = next(windows)
                 trainer.train_step(x, y)
-            start = time.perf_counter()
+            load = os.getloadavg()[0]
+            start, cpu = time.perf_counter(), time.process_time()
             for _ in range(steps):
                 _, x, y = next(windows)
                 trainer.train_step(x, y)
             step_s = (time.perf_counter() - start) / steps
+            cpu_per_wall = (time.process_time() - cpu) / (step_s * steps)
             threads_used = torch.get_num_threads()
             start = time.perf_counter()
             evaluate(trainer.model, data, trainer.level, cfg.eval.batch_size, cfg.eval.bptt)
@@ -100,6 +104,7 @@ def measure(name: str, steps: int, warmup: int, valid_tokens: int, lock: str | N
     opt_bytes = optimizer_state_bytes(trainer.opt.optimizer)
     return {
         "config": name, "level": trainer.level, "params": params, "threads": threads_used,
+        "load_before": load, "cpu_per_wall": cpu_per_wall,
         "steps_timed": steps, "step_s": step_s, "steps_per_epoch": steps_per_epoch,
         "valid_s": valid_s, "epoch_s": epoch_s, "max_epochs": t.max_epochs, "patience": t.patience,
         "max_run_h": epoch_s * t.max_epochs / 3600,
@@ -125,11 +130,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         rows.append(r)
         print(f"{r['config']:<24} {r['params'] / 1e6:5.2f}M  {r['step_s']:.3f} s/step x {r['steps_per_epoch']} steps "
               f"+ valid {r['valid_s']:.0f} s = {r['epoch_s'] / 60:5.1f} min/epoch; up to {r['max_epochs']} epochs "
-              f"= {r['max_run_h']:.1f} h | best.pt {r['best_pt_bytes'] / 1e6:.1f} MB, last.pt "
+              f"= {r['max_run_h']:.1f} h [cpu/wall {r['cpu_per_wall']:.2f}, load {r['load_before']:.1f}] | best.pt {r['best_pt_bytes'] / 1e6:.1f} MB, last.pt "
               f"{r['last_pt_bytes'] / 1e6:.1f} MB (formula {r['checkpoint_formula_bytes'] / 1e6:.1f} each)", flush=True)
     if args.json:
         out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                           "cpus": len(__import__("os").sched_getaffinity(0)), "torch": torch.__version__},
+                           "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__},
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")

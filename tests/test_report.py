@@ -144,3 +144,16 @@ def test_resumed_train_loss_covers_the_whole_interval(ptb_dir, tmp_path, monkeyp
     for x, y in zip(ra, rb):
         assert y["train_loss"] == pytest.approx(x["train_loss"], rel=1e-9)
         assert y["train_ppl"] == pytest.approx(x["train_ppl"], rel=1e-9)
+
+
+def test_checkpoint_holds_only_the_carried_state(ptb_dir, tmp_path):
+    """The saved hidden state is (B, H) per layer, not the window-long buffer it may be a view of."""
+    from lm.train.checkpoint import load_checkpoint
+
+    cfg = write_tiny(tmp_path, regularizer={"name": "variational", "hidden_p": 0.3})  # runs on the window kernel
+    run = tmp_path / "run"
+    assert train_script.main(["--config", str(cfg), "--run-dir", str(run), "--train.max_steps", "2"]) == 0
+    for name in ("last.pt", "best.pt"):
+        for h, c in load_checkpoint(run / name)["hidden"]:
+            for t in (h, c):
+                assert t.untyped_storage().nbytes() == t.numel() * t.element_size()

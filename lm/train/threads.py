@@ -111,7 +111,7 @@ class ThreadPolicy:
     """
 
     def __init__(self, requested: int, enabled: bool = True, registry: Path | None = None,
-                 interval: float = 10.0, base: int | None = None) -> None:
+                 interval: float = 2.0, base: int | None = None) -> None:
         self.requested, self.interval = requested, interval
         self.auto = enabled and requested == 0
         self.registry = registry or registry_dir()

@@ -102,7 +102,8 @@ class Trainer:
             "config": to_dict(self.cfg), "vocab": self.corpus.vocab, "params": count_parameters(self.model),
             "model": model_state or self.model.state_dict(), **self.opt.state_dict(), "rng": rng,
             "epoch": self.epoch, "step": self.step, "pos": self.pos,
-            "hidden": [[h.cpu(), c.cpu()] for h, c in self.dist.gather_state(self.state)],
+            # clone: the carried state can be a view of the whole window's output, which torch.save would store
+            "hidden": [[h.cpu().clone(), c.cpu().clone()] for h, c in self.dist.gather_state(self.state)],
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_step": self.best_step,
             "bad_validations": self.bad_validations, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
             "wall": self.wall, "loss_sum": self.loss_sum, "loss_count": self.loss_count,
