@@ -70,8 +70,9 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if torch.is_tensor(v) and v.dim() > 0)
 
 
-def measure(name: str, steps: int, warmup: int, valid_tokens: int, lock: str | None, threads: int) -> dict:
-    cfg = load_config(name, ["train.device=cpu", f"train.threads={threads}", "train.progress=false"])
+def measure(name: str, steps: int, warmup: int, valid_tokens: int, lock: str | None, threads: int,
+            device: str = "cpu") -> dict:
+    cfg = load_config(name, [f"train.device={device}", f"train.threads={threads}", "train.progress=false"])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp))
         t = cfg.train
@@ -121,20 +122,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (allocations, oneDNN reorders)")
     p.add_argument("--valid-tokens", type=int, default=20000, help="validation tokens timed (then scaled)")
     p.add_argument("--threads", type=int, default=0, help="train.threads (0: the default policy)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (each step ends with loss.item(), a sync)")
     p.add_argument("--lock", help="take an exclusive flock on this file around each config's timed part")
     p.add_argument("--json", help="write the figures here")
     args = p.parse_args(argv)
     rows = []
     for name in args.configs:
-        r = measure(name, args.steps, args.warmup, args.valid_tokens, args.lock, args.threads)
+        r = measure(name, args.steps, args.warmup, args.valid_tokens, args.lock, args.threads, args.device)
         rows.append(r)
         print(f"{r['config']:<24} {r['params'] / 1e6:5.2f}M  {r['step_s']:.3f} s/step x {r['steps_per_epoch']} steps "
               f"+ valid {r['valid_s']:.0f} s = {r['epoch_s'] / 60:5.1f} min/epoch; up to {r['max_epochs']} epochs "
               f"= {r['max_run_h']:.1f} h [cpu/wall {r['cpu_per_wall']:.2f}, load {r['load_before']:.1f}] | best.pt {r['best_pt_bytes'] / 1e6:.1f} MB, last.pt "
               f"{r['last_pt_bytes'] / 1e6:.1f} MB (formula {r['checkpoint_formula_bytes'] / 1e6:.1f} each)", flush=True)
     if args.json:
-        out = {"machine": {"platform": platform.platform(), "processor": platform.processor(),
-                           "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__},
+        out = {"device": args.device, "steps": args.steps, "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                           "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+                           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
