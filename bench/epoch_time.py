@@ -15,11 +15,11 @@ training steps and a slice of the validation set, and extrapolates:
   ``4 * params * (1 + state per parameter)`` bytes each; both files are written for real into a
   temporary directory and their sizes reported beside the formula.
 
-``--lock PATH`` takes an exclusive ``flock`` on PATH around each config's timed part only
-(data loading and model building happen outside it), so a shared machine is held for about
-a minute at a time. ``cpu_per_wall`` (process CPU seconds per wall second while timing; about the
-thread count when the machine is otherwise idle) and the load average before timing say whether
-anything else competed for the cores. Usage::
+``--lock PATH`` takes an exclusive ``flock`` on PATH around each group of ``--per-lock``
+configs (3: about 3 minutes on 2 cores), so a shared machine is held a few minutes at a time.
+``cpu_per_wall`` (process CPU seconds per wall second while timing; about the thread count
+when the machine is otherwise idle) and the load average before timing say whether anything
+else competed for the cores. Usage::
 
     PTB_DIR=../shared/data/ptb python bench/epoch_time.py --lock /work/cpu.lock --json runs/epoch_time.json
     python bench/epoch_time.py char_flipout.yaml word_wd_flipout.yaml --steps 20
@@ -70,29 +70,27 @@ def optimizer_state_bytes(optimizer: torch.optim.Optimizer) -> int:
                if torch.is_tensor(v) and v.dim() > 0)
 
 
-def measure(name: str, steps: int, warmup: int, valid_tokens: int, lock: str | None, threads: int,
-            device: str = "cpu") -> dict:
+def measure(name: str, steps: int, warmup: int, valid_tokens: int, threads: int, device: str = "cpu") -> dict:
     cfg = load_config(name, [f"train.device={device}", f"train.threads={threads}", "train.progress=false"])
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(cfg, Path(tmp))
         t = cfg.train
         data = trainer.corpus.valid[:valid_tokens]
         windows = trainer.dist.windows(trainer.train_data, t.bptt, 0, t.variable_bptt)
-        with exclusive(lock):
-            for _ in range(warmup):
-                _, x, y = next(windows)
-                trainer.train_step(x, y)
-            load = os.getloadavg()[0]
-            start, cpu = time.perf_counter(), time.process_time()
-            for _ in range(steps):
-                _, x, y = next(windows)
-                trainer.train_step(x, y)
-            step_s = (time.perf_counter() - start) / steps
-            cpu_per_wall = (time.process_time() - cpu) / (step_s * steps)
-            threads_used = torch.get_num_threads()
-            start = time.perf_counter()
-            evaluate(trainer.model, data, trainer.level, cfg.eval.batch_size, cfg.eval.bptt)
-            valid_slice_s = time.perf_counter() - start
+        for _ in range(warmup):
+            _, x, y = next(windows)
+            trainer.train_step(x, y)
+        load = os.getloadavg()[0]
+        start, cpu = time.perf_counter(), time.process_time()
+        for _ in range(steps):
+            _, x, y = next(windows)
+            trainer.train_step(x, y)
+        step_s = (time.perf_counter() - start) / steps
+        cpu_per_wall = (time.process_time() - cpu) / (step_s * steps)
+        threads_used = torch.get_num_threads()
+        start = time.perf_counter()
+        evaluate(trainer.model, data, trainer.level, cfg.eval.batch_size, cfg.eval.bptt)
+        valid_slice_s = time.perf_counter() - start
         trainer.save("best.pt", trainer.model.state_dict())
         trainer.save("last.pt")
         files = {n: (Path(tmp) / n).stat().st_size for n in ("best.pt", "last.pt")}
@@ -115,6 +113,24 @@ def measure(name: str, steps: int, warmup: int, valid_tokens: int, lock: str | N
     }
 
 
+def show(r: dict) -> None:
+    print(f"{r['config']:<24} {r['params'] / 1e6:5.2f}M  {r['step_s']:.3f} s/step x {r['steps_per_epoch']} steps "
+          f"+ valid {r['valid_s']:.0f} s = {r['epoch_s'] / 60:5.1f} min/epoch; up to {r['max_epochs']} epochs = "
+          f"{r['max_run_h']:.1f} h [cpu/wall {r['cpu_per_wall']:.2f}, load {r['load_before']:.1f}] | best.pt "
+          f"{r['best_pt_bytes'] / 1e6:.1f} MB, last.pt {r['last_pt_bytes'] / 1e6:.1f} MB "
+          f"(formula {r['checkpoint_formula_bytes'] / 1e6:.1f} each)", flush=True)
+
+
+def write(path: str, args: argparse.Namespace, rows: list[dict]) -> None:
+    machine = {"platform": platform.platform(), "processor": platform.processor(),
+               "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
+    out = {"device": args.device, "steps": args.steps, "warmup": args.warmup, "valid_tokens": args.valid_tokens,
+           "machine": machine, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Path(path).write_text(json.dumps(out, indent=2) + "\n")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("configs", nargs="*", default=PAPER_CONFIGS, help="config names (default: the 18 paper configs)")
@@ -123,24 +139,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--valid-tokens", type=int, default=20000, help="validation tokens timed (then scaled)")
     p.add_argument("--threads", type=int, default=0, help="train.threads (0: the default policy)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (each step ends with loss.item(), a sync)")
-    p.add_argument("--lock", help="take an exclusive flock on this file around each config's timed part")
-    p.add_argument("--json", help="write the figures here")
+    p.add_argument("--lock", help="hold an exclusive flock on this file while measuring each group of configs")
+    p.add_argument("--per-lock", type=int, default=3, help="configs measured per exclusive hold of --lock")
+    p.add_argument("--json", help="write the figures here (after every group)")
     args = p.parse_args(argv)
-    rows = []
-    for name in args.configs:
-        r = measure(name, args.steps, args.warmup, args.valid_tokens, args.lock, args.threads, args.device)
-        rows.append(r)
-        print(f"{r['config']:<24} {r['params'] / 1e6:5.2f}M  {r['step_s']:.3f} s/step x {r['steps_per_epoch']} steps "
-              f"+ valid {r['valid_s']:.0f} s = {r['epoch_s'] / 60:5.1f} min/epoch; up to {r['max_epochs']} epochs "
-              f"= {r['max_run_h']:.1f} h [cpu/wall {r['cpu_per_wall']:.2f}, load {r['load_before']:.1f}] | best.pt {r['best_pt_bytes'] / 1e6:.1f} MB, last.pt "
-              f"{r['last_pt_bytes'] / 1e6:.1f} MB (formula {r['checkpoint_formula_bytes'] / 1e6:.1f} each)", flush=True)
-    if args.json:
-        out = {"device": args.device, "steps": args.steps, "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                           "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
-                           "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None},
-               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "rows": rows}
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+    names, rows = list(args.configs), []
+    # one hold per group: a waiting exclusive flock only gets the gaps between other users' shared holds
+    for i in range(0, len(names), args.per_lock if args.lock else len(names) or 1):
+        with exclusive(args.lock):
+            group = [measure(n, args.steps, args.warmup, args.valid_tokens, args.threads, args.device)
+                     for n in names[i: i + (args.per_lock if args.lock else len(names))]]
+        for r in group:
+            rows.append(r)
+            show(r)
+        if args.json:
+            write(args.json, args, rows)
     return 0
 
 

@@ -27,7 +27,8 @@ from typing import Callable, Sequence
 import lm
 from lm.train.threads import register
 
-_CHILD = "import sys; from lm.errors import run_cli; from lm.cli.train import main; sys.exit(run_cli(main, sys.argv[1:]))"
+_CHILD = ("import sys; from lm.errors import run_cli; from lm.cli.train import main; "
+          "sys.exit(run_cli(main, sys.argv[1:]))")
 
 
 def child_command(argv: Sequence[str]) -> list[str]:
@@ -73,7 +74,8 @@ def run_parallel(jobs: Sequence[tuple[int, Path, list[str]]], base: Path, parall
                     entry.unlink(missing_ok=True)
                 code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode  # killed by a signal
                 codes.append(code)
-                say(f"seed {seed}: finished with exit code {code}" + ("" if code == 0 else f" (see {base}/seed{seed}.log)"))
+                say(f"seed {seed}: finished with exit code {code}"
+                    + ("" if code == 0 else f" (see {base}/seed{seed}.log)"))
                 if code >= 128 and not stop:  # interrupted from outside: start nothing new
                     stop.append(code - 128)
     finally:

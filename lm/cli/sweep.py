@@ -76,7 +76,7 @@ def run_sweep(args: argparse.Namespace, rest: Sequence[str], train_main: Callabl
                         "one process per device)")
     base = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     steps = plan(args.config, overrides, base, args.seeds, args.force)
-    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    say = (lambda line: print(line, flush=True)) if int(os.environ.get("RANK", "0")) == 0 else (lambda line: None)
     say(f"seed sweep into {base}: " + ", ".join(f"seed {s} {a}" for s, _, a in steps))
 
     if args.parallel > 1:
