@@ -131,6 +131,19 @@ def write(path: str, args: argparse.Namespace, rows: list[dict]) -> None:
     Path(path).write_text(json.dumps(out, indent=2) + "\n")
 
 
+def markdown(path: str) -> str:
+    """The README's "How long and how big" table from a ``--json`` file."""
+    out = json.loads(Path(path).read_text())
+    lines = ["| config | parameters | s / step | steps / epoch | validation | **time / epoch** | epochs (cap) "
+             "| whole run at the cap | disk per run (best.pt + last.pt) |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        cap = f"{r['max_epochs']}" + (f", patience {r['patience']}" if r["patience"] else "")
+        lines.append(f"| `{r['config']}` | {r['params'] / 1e6:.2f}M | {r['step_s']:.2f} | {r['steps_per_epoch']:,} | "
+                     f"{r['valid_s']:.0f} s | **{r['epoch_s'] / 60:.1f} min** | {cap} | {r['max_run_h']:.0f} h | "
+                     f"{r['run_disk_bytes'] / 1e6:.0f} MB |")
+    return "\n".join(lines)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("configs", nargs="*", default=PAPER_CONFIGS, help="config names (default: the 18 paper configs)")
@@ -142,7 +155,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--lock", help="hold an exclusive flock on this file while measuring each group of configs")
     p.add_argument("--per-lock", type=int, default=3, help="configs measured per exclusive hold of --lock")
     p.add_argument("--json", help="write the figures here (after every group)")
+    p.add_argument("--table", metavar="JSON", help="only print the Markdown table of an earlier --json file")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown(args.table))
+        return 0
     names, rows = list(args.configs), []
     # one hold per group: a waiting exclusive flock only gets the gaps between other users' shared holds
     for i in range(0, len(names), args.per_lock if args.lock else len(names) or 1):

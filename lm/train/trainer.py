@@ -33,12 +33,12 @@ from lm.eval.metrics import add_text_bpc, from_nats, metric_name
 from lm.files import atomic_write
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
+from lm.train import report
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
 from lm.train.optim import Optimization
-from lm.train import report
-from lm.train.threads import ThreadPolicy
 from lm.train.tensorboard import TensorBoard
+from lm.train.threads import ThreadPolicy
 
 EXIT_INTERRUPTED = 128  # + signal number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
 EXIT_DIVERGED = 1
