@@ -133,3 +133,31 @@ def test_parallel_needs_seeds(tmp_path, capsys):
     assert train_script.main(["--config", str(cfg), "--parallel", "2"]) == 2
     assert "--parallel needs --seeds" in capsys.readouterr().err
     assert train_script.main(["--config", str(cfg), "--seeds", "1", "--parallel", "0"]) == 2
+
+
+def test_parallel_seeds_stop_together_on_ctrl_c(ptb_dir, tmp_path):
+    """SIGINT to the sweep reaches each child once: both save last.pt and say so, the sweep exits 130."""
+    import signal
+    import time
+
+    cfg = write_tiny(tmp_path, train={"max_epochs": 10000, "eval_every_steps": 5})
+    base = tmp_path / "sweep"
+    env = dict(os.environ, FLIPOUT_LM_RUNS_DIR=str(tmp_path / "registry"))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(root / "train.py"), "--config", str(cfg), "--run-dir", str(base),
+                             "--seeds", "1", "2", "--parallel", "2"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not all((base / f"seed{s}" / "last.pt").is_file() for s in (1, 2)):  # both are training
+            assert time.monotonic() < deadline and proc.poll() is None, "seeds did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert out.count("finished with exit code 130") == 2 and "run the same command again" in out
+    for s in (1, 2):
+        assert "interrupted at step" in (base / f"seed{s}.log").read_text()
