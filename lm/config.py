@@ -163,7 +163,8 @@ class TrainConfig:
     eval_every_steps: int = _f(0, "validate every K steps (0 = once per epoch)")
     patience: int = _f(0, "early stopping: stop after this many validations without improvement (0 = off)")
     device: str = _f("auto", "'auto' (cuda if available), 'cpu' or 'cuda'")
-    threads: int = _f(0, "torch CPU threads (0 = torch default)")
+    threads: int = _f(0, "torch CPU threads; 0 = share the cores with the other flipout-lm trainings on this "
+                      "machine (lm/train/threads.py)")
     progress: bool = _f(True, "show a tqdm progress bar on a terminal")
     tensorboard: bool = _f(False, "also log each validation to TensorBoard in <run dir>/tensorboard "
                            "(needs pip install -e .[tensorboard])")

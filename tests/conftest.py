@@ -40,6 +40,8 @@ def _isolated_data_root(tmp_path_factory, monkeypatch):
     """Caches go to one temporary data root per session, never into the repository's data/."""
     root = tmp_path_factory.getbasetemp() / "lm-data"
     monkeypatch.setenv("FLIPOUT_LM_DATA", str(root))
+    # the thread policy counts only this session's trainings, not other sessions' on the same machine
+    monkeypatch.setenv("FLIPOUT_LM_RUNS_DIR", str(tmp_path_factory.getbasetemp() / "lm-runs"))
     path = _ptb_dir()
     if path is not None:
         monkeypatch.setenv("PTB_DIR", str(path))

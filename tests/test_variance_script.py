@@ -118,3 +118,28 @@ def test_bad_arguments_are_user_errors(variance):
         variance.parse_args(["--tiny", "--schemes", "gauss,nope"])
     with pytest.raises(UserError, match="--reps"):
         variance.parse_args(["--tiny", "--reps", "3", "--groups", "2"])
+
+
+def test_default_output_goes_to_runs_not_docs(variance, tmp_path, monkeypatch):
+    """Without --out/--plot/--json everything lands in runs/variance; the tracked docs/ figure is untouched."""
+    docs_png = ROOT / "docs" / "variance.png"
+    before = docs_png.stat().st_mtime_ns if docs_png.exists() else None
+    monkeypatch.chdir(tmp_path)
+    threads = torch.get_num_threads()
+    try:
+        assert variance.main(["--tiny"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    out = tmp_path / "runs" / "variance"
+    assert (out / "variance.json").is_file() and (out / "variance.png").is_file()
+    assert (docs_png.stat().st_mtime_ns if docs_png.exists() else None) == before
+
+
+def test_readme_variance_commands_leave_docs_alone():
+    """The README's variance command is what a new user runs: it must not replace the tracked figure."""
+    text = (ROOT / "README.md").read_text()
+    blocks = text.split("```")[1::2]  # the contents of the fenced code blocks
+    commands = [line for block in blocks for line in block.splitlines() if "bench/variance.py" in line]
+    assert commands, "README has no bench/variance.py command"
+    for line in commands:
+        assert "docs/" not in line.split("#")[0], line

@@ -7,6 +7,7 @@ continues the sweep: a seed whose directory has ``results.json`` is skipped, one
 ``last.pt`` is resumed, one without any checkpoint is started afresh; ``--force`` restarts every
 seed. Skipping or resuming a seed whose saved config differs from the requested one
 (apart from runtime-only keys) is an error, so a sweep never mixes two settings.
+``--parallel N`` trains up to N seeds at once in separate processes (:mod:`lm.cli.parallel`).
 """
 
 from __future__ import annotations
@@ -68,10 +69,16 @@ def run_sweep(args: argparse.Namespace, rest: Sequence[str], train_main: Callabl
         raise UserError("--seeds and --train.seed contradict each other: keep --seeds")
     if args.resume and args.force:
         raise UserError("--resume and --force contradict each other: keep one")
+    if args.parallel > 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--parallel does not combine with torchrun: drop --parallel (torchrun already runs "
+                        "one process per device)")
     base = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
     steps = plan(args.config, overrides, base, args.seeds, args.force)
-    say = print if int(os.environ.get("RANK", "0")) == 0 else (lambda *a, **k: None)
+    say = (lambda line: print(line, flush=True)) if int(os.environ.get("RANK", "0")) == 0 else (lambda line: None)
     say(f"seed sweep into {base}: " + ", ".join(f"seed {s} {a}" for s, _, a in steps))
+
+    if args.parallel > 1:
+        return _run_parallel(args, rest, base, steps, say)
 
     from lm.train.distributed import session  # one process group for the whole sweep under torchrun
 
@@ -81,8 +88,7 @@ def run_sweep(args: argparse.Namespace, rest: Sequence[str], train_main: Callabl
             if action == "skip":
                 say(f"seed {seed}: {run}/results.json exists, skipped")
                 continue
-            argv = ["--config", args.config, "--run-dir", str(run), *rest, "--train.seed", str(seed)]
-            argv += {"resume": ["--resume"], "restart": ["--force"], "train": []}[action]
+            argv = _seed_argv(args.config, run, rest, seed, action)
             say(f"seed {seed}: {action} {run}")
             code = train_main(argv)
             dist.barrier()
@@ -90,5 +96,28 @@ def run_sweep(args: argparse.Namespace, rest: Sequence[str], train_main: Callabl
                 say(f"sweep stopped at seed {seed}; run the same command again to continue it")
                 return code
             codes.append(code)
+    say(f"seed sweep done: compare with python evaluate.py compare {base}")
+    return max(codes, default=0)
+
+
+def _seed_argv(config: str, run: Path, rest: Sequence[str], seed: int, action: str) -> list[str]:
+    argv = ["--config", config, "--run-dir", str(run), *rest, "--train.seed", str(seed)]
+    return argv + {"resume": ["--resume"], "restart": ["--force"], "train": []}[action]
+
+
+def _run_parallel(args: argparse.Namespace, rest: Sequence[str], base: Path, steps: list[tuple[int, Path, str]],
+                  say: Callable[[str], None]) -> int:
+    """``--parallel N``: the seeds in up to N processes at once (lm/cli/parallel.py)."""
+    from lm.cli.parallel import run_parallel
+
+    for seed, run, action in steps:
+        if action == "skip":
+            say(f"seed {seed}: {run}/results.json exists, skipped")
+    jobs = [(seed, run, _seed_argv(args.config, run, rest, seed, action)) for seed, run, action in steps
+            if action != "skip"]
+    codes = run_parallel(jobs, base, args.parallel, say)
+    if any(c >= EXIT_INTERRUPTED_MIN for c in codes):
+        say("sweep stopped; run the same command again to continue it")
+        return max(codes)
     say(f"seed sweep done: compare with python evaluate.py compare {base}")
     return max(codes, default=0)

@@ -26,6 +26,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, nargs="+", metavar="SEED",
                    help="train the config once per seed, one after the other, into <run dir>/seed<SEED>; "
                    "run the same command again to skip finished seeds and resume interrupted ones")
+    p.add_argument("--parallel", type=int, default=1, metavar="N",
+                   help="with --seeds: train up to N seeds at once in separate processes, which split the CPU "
+                   "threads between them; each seed's output goes to <run dir>/seed<SEED>.log")
     return p
 
 
@@ -52,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.list_regularizers:
         print(describe())
         return 0
+    if args.parallel < 1:
+        raise UserError(f"--parallel {args.parallel}: give a positive number of processes")
+    if args.parallel > 1 and not args.seeds:
+        raise UserError("--parallel needs --seeds: pass the seeds to train side by side, e.g. --seeds 1 2 --parallel 2")
     if args.seeds:
         from lm.cli.sweep import run_sweep
 

@@ -34,6 +34,7 @@ from lm.files import atomic_write
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
 from lm.nn.rng import shared_noise
+from lm.train import report
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
 from lm.train.optim import Optimization
@@ -42,6 +43,7 @@ from lm.train.resume import apply_overrides
 from lm.train.rundir import diverged_note, storage_failure
 from lm.train.streams import rng_state
 from lm.train.tensorboard import TensorBoard
+from lm.train.threads import ThreadPolicy
 
 EXIT_INTERRUPTED = 128  # + signal number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
 EXIT_DIVERGED = 1
@@ -67,9 +69,12 @@ class Trainer:
                  dist: Single | None = None) -> None:
         self.cfg, self.run_dir = cfg, Path(run_dir)
         self.dist = dist or current()
-        if cfg.train.threads:
-            torch.set_num_threads(cfg.train.threads)
         self.device = self.dist.device(resolve_device(cfg.train.device))
+        self.threads = ThreadPolicy(cfg.train.threads, enabled=self.device.type == "cpu")  # lm/train/threads.py
+        self.threads.start()
+        say = report.say if self.dist.is_main else (lambda line: None)
+        for line in report.startup_lines(cfg, self.run_dir, resume, str(self.device), self.threads.describe()):
+            say(line)  # before data loading: a redirected log says at once what runs where
         torch.manual_seed(cfg.train.seed)
         # a resumed run reuses its own tokenizer; rank 0 loads first (it fills caches, trains SentencePiece)
         self.corpus = corpus or self.dist.main_first(lambda: load_data(cfg, self.run_dir if resume else None),
@@ -83,10 +88,13 @@ class Trainer:
             raise allocation_error(e, cfg, len(self.corpus.vocab)) or e from None
         self.train_data = self.dist.shard(batchify(self.corpus.train, cfg.train.batch_size)).to(self.device)
         self.net = self.dist.wrap(self.model, self.device)  # the model, or DDP around it
+        say(report.data_line(self.corpus, num_windows(self.train_data, cfg.train.bptt)))
+        say(report.model_line(count_parameters(self.model)))
         self.opt = Optimization(cfg, self.model)
         self.epoch = self.step = self.pos = self.bad_validations = 0
         self.best_val, self.best_epoch, self.best_step = math.inf, 0, 0
         self.elapsed, self.tokens_seen = 0.0, 0  # training-step seconds and tokens (for tokens/s)
+        self.loss_sum, self.loss_count = 0.0, 0  # training losses since the last validation (saved in last.pt)
         self.wall_offset, self._wall_start = 0.0, time.perf_counter()  # wall clock incl. validation
         self.state = self.model.init_state(self.train_data.size(1))
         self.interrupted: int | None = None
@@ -108,10 +116,11 @@ class Trainer:
             "model": model_state or self.model.state_dict(), **self.opt.state_dict(), "rng": rng,
             "rng_ranks": self.dist.gather_rng(rng),  # every process's stream, for an exact resume
             "epoch": self.epoch, "step": self.step, "pos": self.pos,
-            "hidden": [[h.cpu(), c.cpu()] for h, c in self.dist.gather_state(self.state)],
+            # clone: the carried state can be a view of the whole window's output, which torch.save would store
+            "hidden": [[h.cpu().clone(), c.cpu().clone()] for h, c in self.dist.gather_state(self.state)],
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_step": self.best_step,
             "bad_validations": self.bad_validations, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
-            "wall": self.wall,
+            "wall": self.wall, "loss_sum": self.loss_sum, "loss_count": self.loss_count,
         }
 
     def _restore(self, ck: dict) -> None:
@@ -124,6 +133,7 @@ class Trainer:
             setattr(self, key, int(ck[key]))
         self.best_val, self.elapsed = float(ck["best_val"]), float(ck["elapsed"])
         self.wall_offset = float(ck["wall"])
+        self.loss_sum, self.loss_count = float(ck.get("loss_sum", 0.0)), int(ck.get("loss_count", 0))
         self.state = self.dist.shard_state([(h.to(self.device), c.to(self.device)) for h, c in ck["hidden"]])
 
     @property
@@ -233,6 +243,7 @@ class Trainer:
         except OSError as e:  # disk full, read-only file system: atomic writes left the earlier files intact
             raise storage_failure(self.run_dir, e) from None
         finally:
+            self.threads.stop()
             for s, handler in old.items():
                 signal.signal(s, handler)
 
@@ -240,28 +251,31 @@ class Trainer:
         t = self.cfg.train
         m = metric_name(self.level)
         stop = self.epoch >= t.max_epochs or (t.max_steps is not None and self.step >= t.max_steps)
-        losses: list[float] = []
         while not stop:
-            total = num_windows(self.train_data, t.bptt)
-            bar = tqdm(total=total, initial=min(total, self.pos // t.bptt), desc=f"epoch {self.epoch + 1}",
+            windows = num_windows(self.train_data, t.bptt)
+            done = min(windows, self.pos // t.bptt)
+            bar = tqdm(total=report.bar_span(windows, done, self.step, t.max_steps), initial=done,
+                       desc=report.bar_label(self.epoch, t.max_epochs, self.step, t.max_steps, windows, done),
                        disable=None if t.progress and self.dist.is_main else True, leave=False, dynamic_ncols=True)
             for row, x, y in self.dist.windows(self.train_data, t.bptt, self.pos, t.variable_bptt, t.seed, self.epoch):
                 start = time.perf_counter()
-                losses.append(self.train_step(x, y))
+                loss = self.train_step(x, y)
+                self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
                 self.elapsed += time.perf_counter() - start
                 self.tokens_seen += y.numel() * self.dist.world
                 self.step += 1
                 self.pos = row + x.size(0)
                 bar.update(1)
-                bar.set_postfix(loss=f"{losses[-1]:.3f}", **{m: f"{from_nats(losses[-1], self.level):.3f}"},
+                bar.set_postfix(loss=f"{loss:.3f}", **{m: f"{from_nats(loss, self.level):.3f}"},
                                 tok_s=f"{self.tokens_seen / max(self.elapsed, 1e-9):.0f}")
+                if self.threads.maybe_adjust() and self.dist.is_main:
+                    log(f"threads: {self.threads.describe()}")
                 self.interrupted = self.dist.stop_signal(self.interrupted)
                 if self.interrupted is not None:
                     break
                 capped = t.max_steps is not None and self.step >= t.max_steps
                 if (t.eval_every_steps and self.step % t.eval_every_steps == 0) or capped:
-                    stop = self.validate(sum(losses) / len(losses)) or capped
-                    losses = []
+                    stop = self.validate(self._interval_loss()) or capped
                     if stop:
                         break
             bar.close()
@@ -274,12 +288,17 @@ class Trainer:
             if self.pos >= self.train_data.size(0) - 1:  # epoch complete
                 self.epoch, self.pos = self.epoch + 1, 0
                 self.state = self.model.init_state(self.train_data.size(1))
-                if not stop and losses and (not t.eval_every_steps or self.epoch >= t.max_epochs):
-                    stop = self.validate(sum(losses) / len(losses))
-                    losses = []
+                if not stop and self.loss_count and (not t.eval_every_steps or self.epoch >= t.max_epochs):
+                    stop = self.validate(self._interval_loss())
                 stop = stop or self.epoch >= t.max_epochs
         self.finish()
         return 0
+
+    def _interval_loss(self) -> float:
+        """Mean training loss since the last validation; the sums restart (before validate saves last.pt)."""
+        mean = self.loss_sum / self.loss_count
+        self.loss_sum, self.loss_count = 0.0, 0
+        return mean
 
     def finish(self) -> dict:
         """Evaluate best.pt on valid and test and write results.json."""

@@ -1,0 +1,163 @@
+"""The thread policy for trainings that share a machine, and seeds trained in parallel processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train as train_script
+from lm.train import threads
+from lm.train.threads import ThreadPolicy, active_runs, policy_threads, register
+from tests.tiny import write_tiny
+
+
+@pytest.fixture
+def restore_threads():
+    n = torch.get_num_threads()
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def sleeper():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def test_policy_threads():
+    assert [policy_threads(2, n) for n in (1, 2, 3, 5)] == [2, 1, 1, 1]
+    assert [policy_threads(16, n) for n in (1, 2, 3, 4)] == [16, 8, 5, 4]
+    assert policy_threads(1, 0) == 1
+
+
+def test_active_runs_counts_live_registrations_and_drops_stale_ones(tmp_path, sleeper):
+    assert active_runs(tmp_path) == 1  # nobody registered: this one run
+    register(os.getpid(), tmp_path)
+    register(sleeper.pid, tmp_path)
+    gone = dead_pid()
+    (tmp_path / str(gone)).write_text("123\n")
+    (tmp_path / "notes.txt").write_text("not a registration")
+    assert active_runs(tmp_path) == 2
+    assert not (tmp_path / str(gone)).exists() and (tmp_path / "notes.txt").exists()
+
+
+def test_recycled_pid_is_not_a_run(tmp_path, sleeper):
+    if not Path(f"/proc/{sleeper.pid}/stat").exists():
+        pytest.skip("no /proc: start times unknown, a live PID is trusted")
+    (tmp_path / str(sleeper.pid)).write_text("1\n")  # registered by an earlier process with that PID
+    assert active_runs(tmp_path) == 1 and not (tmp_path / str(sleeper.pid)).exists()
+
+
+def test_policy_splits_and_takes_back_the_cores(tmp_path, sleeper, restore_threads):
+    other = register(sleeper.pid, tmp_path)
+    policy = ThreadPolicy(0, registry=tmp_path, interval=0.0, base=4)
+    assert policy.start() == 2 and policy.active == 2
+    assert (tmp_path / str(os.getpid())).exists()
+    assert "auto: 2 flipout-lm runs" in policy.describe()
+    assert policy.maybe_adjust() is False  # nothing changed
+    other.unlink()  # the other run ended
+    assert policy.maybe_adjust() is True and torch.get_num_threads() == 4
+    register(sleeper.pid, tmp_path)
+    register(dead_pid(), tmp_path)  # a crashed run's leftover does not count
+    assert policy.maybe_adjust() is True and torch.get_num_threads() == 2
+    before = policy._previous
+    policy.stop()
+    assert not (tmp_path / str(os.getpid())).exists() and torch.get_num_threads() == before
+
+
+def test_policy_waits_for_its_interval(tmp_path, sleeper, restore_threads):
+    policy = ThreadPolicy(0, registry=tmp_path, interval=3600.0, base=4)
+    assert policy.start() == 4
+    register(sleeper.pid, tmp_path)
+    assert policy.maybe_adjust() is False and torch.get_num_threads() == 4  # re-counts only every hour
+    policy.stop()
+
+
+def test_explicit_threads_and_gpu_runs_do_not_register(tmp_path, restore_threads):
+    fixed = ThreadPolicy(3, registry=tmp_path, interval=0.0, base=4)
+    assert fixed.start() == 3 and not any(tmp_path.iterdir())
+    register(os.getpid() + 0, tmp_path)
+    assert fixed.maybe_adjust() is False and torch.get_num_threads() == 3
+    assert fixed.describe() == "3 (train.threads)"
+    fixed.stop()
+    (tmp_path / str(os.getpid())).unlink()
+    gpu = ThreadPolicy(0, enabled=False, registry=tmp_path, base=4)
+    n = torch.get_num_threads()
+    assert gpu.start() == n and not any(tmp_path.iterdir())
+
+
+def test_default_registry_is_per_user(monkeypatch):
+    monkeypatch.delenv("FLIPOUT_LM_RUNS_DIR", raising=False)
+    assert threads.registry_dir().name == f"flipout-lm-runs-{os.getuid()}"
+
+
+def test_parallel_seeds(ptb_dir, tmp_path, monkeypatch, capsys):
+    registry = tmp_path / "registry"
+    monkeypatch.setenv("FLIPOUT_LM_RUNS_DIR", str(registry))
+    cfg = write_tiny(tmp_path, train={"max_epochs": 1})
+    base = tmp_path / "sweep"
+    assert train_script.main(["--config", str(cfg), "--run-dir", str(base), "--seeds", "1", "2",
+                              "--parallel", "2"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("started") == 2 and out.count("finished with exit code 0") == 2
+    for seed in (1, 2):
+        assert json.loads((base / f"seed{seed}" / "results.json").read_text())["seed"] == seed
+        log = (base / f"seed{seed}.log").read_text()
+        assert "flipout-lm: training" in log
+        # both children are registered as they start, so each starts on its share of the cores
+        assert re.search(r"threads \d+ \(auto: 2 flipout-lm runs", log)
+    assert not [p for p in registry.iterdir() if p.name.isdigit()]  # every registration removed
+    # the same command again: both seeds are finished and skipped
+    assert train_script.main(["--config", str(cfg), "--run-dir", str(base), "--seeds", "1", "2",
+                              "--parallel", "2"]) == 0
+    assert capsys.readouterr().out.count("skipped") == 2
+
+
+def test_parallel_needs_seeds(tmp_path, capsys):
+    cfg = write_tiny(tmp_path)
+    assert train_script.main(["--config", str(cfg), "--parallel", "2"]) == 2
+    assert "--parallel needs --seeds" in capsys.readouterr().err
+    assert train_script.main(["--config", str(cfg), "--seeds", "1", "--parallel", "0"]) == 2
+
+
+def test_parallel_seeds_stop_together_on_ctrl_c(ptb_dir, tmp_path):
+    """SIGINT to the sweep reaches each child once: both save last.pt and say so, the sweep exits 130."""
+    import signal
+    import time
+
+    cfg = write_tiny(tmp_path, train={"max_epochs": 10000, "eval_every_steps": 5})
+    base = tmp_path / "sweep"
+    env = dict(os.environ, FLIPOUT_LM_RUNS_DIR=str(tmp_path / "registry"))
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, str(root / "train.py"), "--config", str(cfg), "--run-dir", str(base),
+                             "--seeds", "1", "2", "--parallel", "2"], cwd=root, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.monotonic() + 300
+        while not all((base / f"seed{s}" / "last.pt").is_file() for s in (1, 2)):  # both are training
+            assert time.monotonic() < deadline and proc.poll() is None, "seeds did not start"
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, out
+    assert out.count("finished with exit code 130") == 2 and "run the same command again" in out
+    for s in (1, 2):
+        assert "interrupted at step" in (base / f"seed{s}.log").read_text()
