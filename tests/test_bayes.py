@@ -300,3 +300,39 @@ def test_cli_logs_kl_and_evaluates_the_checkpoint(ptb_dir, tmp_path, name, capsy
     assert "kl 0." in capsys.readouterr().out  # the log line
     assert evaluate_script.main([str(run / "best.pt"), "--split", "valid", "--json", "--max-tokens", "400"]) == 0
     assert json.loads(capsys.readouterr().out)["tokens"] > 0
+
+
+# -- the experiment's report (lm/analysis/bayes_report.py) --------------------------------------
+
+def _fake_run(root: Path, batch: int, scheme: str, seed: int, speed: float) -> None:
+    """Validation loss 3 - speed * step / 100 every 10 steps, floored at 1 (``speed`` x faster)."""
+    d = root / f"b{batch}" / scheme / f"seed{seed}"
+    d.mkdir(parents=True)
+    rows = [{"step": s, "elapsed_s": 0.5 * s, "valid_loss": max(1.0, 3 - speed * s / 100), "sigma_mean": 0.05,
+             "kl": 0.01} for s in range(10, 210, 10)]
+    (d / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    res = {"steps": 200, "valid": {"bpc": 1.5}, "test": {"bpc": 1.4 + seed / 100}, "train_tokens_per_s": 100.0}
+    (d / "results.json").write_text(json.dumps(res))
+
+
+def test_report_steps_to_target_and_ratio(tmp_path):
+    from lm.analysis import bayes_report
+
+    for seed, flip_speed in ((1, 2.0), (2, 2.0), (3, 2.0)):
+        _fake_run(tmp_path, 64, "bbb", seed, 1.0)
+        _fake_run(tmp_path, 64, "bbb_flipout", seed, flip_speed)
+    _fake_run(tmp_path, 8, "bbb", 1, 1.0)  # a batch size without its pair is left out
+    report = bayes_report.analyse(bayes_report.load_runs(tmp_path))
+    assert list(report["batches"]) == [64]
+    first = report["batches"][64]["targets"][0]
+    # bbb reaches its floor 1.0 at step 200, the common lowest loss; flipout at step 100.
+    assert first["valid_loss"] == pytest.approx(1.0)
+    assert first["steps"]["bbb"] == [200, 200, 200] and first["steps"]["bbb_flipout"] == [100, 100, 100]
+    assert first["steps_ratio"]["geo_mean"] == pytest.approx(2.0) and first["wall_ratio"]["geo_mean"] == pytest.approx(2.0)
+    # 1.1 is reached between validations: bbb at 3 - s/100 = 1.1 -> s = 190 (interpolated, exact here).
+    assert report["batches"][64]["targets"][1]["steps"]["bbb"][0] == pytest.approx(190)
+    assert bayes_report.time_to([(10, 1.0, 2.0), (20, 3.0, 1.0)], 1.5) == pytest.approx((15, 2.0))
+    assert bayes_report.time_to([(10, 1.0, 2.0)], 1.5) is None
+    r = bayes_report.ratio_summary([1.5, 2.0, 3.0])
+    assert r["ci95"][0] < r["geo_mean"] < r["ci95"][1]
+    assert "| 64 |" in bayes_report.markdown(report)
