@@ -336,3 +336,9 @@ def test_report_steps_to_target_and_ratio(tmp_path):
     r = bayes_report.ratio_summary([1.5, 2.0, 3.0])
     assert r["ci95"][0] < r["geo_mean"] < r["ci95"][1]
     assert "| 64 |" in bayes_report.markdown(report)
+
+
+def test_noise_sharing_declared_for_monte_carlo_evaluation():
+    assert build_regularizer(RegularizerConfig(name="bbb")).shares_noise_across_batch()
+    assert not build_regularizer(RegularizerConfig(name="bbb_flipout")).shares_noise_across_batch()
+    assert build_regularizer(RegularizerConfig(name="bbb_flipout", embed_p=0.1)).shares_noise_across_batch()

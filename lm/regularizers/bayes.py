@@ -116,6 +116,13 @@ class BayesByBackprop(Regularizer):
             noise.weight_ih, noise.flip_ih = self._sample(layer.weight_ih, self.rho_ih[i], batch)
         return noise
 
+    def shares_noise_across_batch(self) -> bool:
+        """For Monte-Carlo evaluation (``evaluate.py --mc-samples``, lm/eval/mc.py of issue 15): ``bbb``
+        draws one sample for the whole batch, so K samples need K passes; ``bbb_flipout`` is per
+        example (its own signs), so K copies of a stream in one batch are K samples. Embedding
+        dropout is shared by the batch either way."""
+        return self.cfg.embed_p > 0 or not self.flipout
+
     # -- the KL term ---------------------------------------------------------------------
     def kl(self) -> torch.Tensor:
         """``KL(q ‖ p)`` summed over every perturbed weight (0-d tensor, differentiable in μ and ρ)."""
