@@ -10,7 +10,12 @@ block (PyTorch order i, f, g, o) and over the whole matrix. Four estimators, all
 model's own regularizers in training mode with every other dropout rate at zero:
 
 * ``gauss`` / ``gauss_flipout``: multiplicative Gaussian ``W(1 + σε)``, σ = 1 (paper Sec. 4.1);
-* ``weight_drop`` / ``wd_flipout``: DropConnect p = 0.5 (paper Sec. 4.2 "WD" / "WD+Flipout").
+* ``weight_drop`` / ``wd_flipout``: DropConnect p = 0.5 (paper Sec. 4.2 "WD" / "WD+Flipout");
+* on request (``--schemes bbb,bbb_flipout,bbb_rho,bbb_flipout_rho``): Bayes by Backprop's
+  posterior N(μ, softplus(ρ)²) on W_hh, one sample shared by the batch or flipout per example
+  (paper Sec. 4.3); ``bbb``/``bbb_flipout`` measure the gradient of μ (= W_hh), the ``_rho``
+  schemes that of ρ. σ is the checkpoint's when it was trained with bbb, else ``init_sigma``
+  (0.05) around the frozen weights. Not in the default list, which stays the paper's four.
 
 Theory (paper Thm 2): Var = α/N + (N-1)/N (β+γ) with a shared perturbation, α/N + (N-1)/N γ with
 flipout, and α ≫ β ≫ γ, so flipout should fall like 1/N (log-log slope -1) while shared
@@ -47,6 +52,8 @@ Usage::
     PTB_DIR=../shared/data/ptb python bench/variance.py --quick --out runs/variance
     python bench/variance.py --checkpoint runs/variance/train/best.pt --data-mode resample --out runs/variance_rs
     python bench/variance.py --tiny --out /tmp/v        # seconds, synthetic data (tests)
+    python bench/variance.py --quick --train-regularizer bbb --schemes bbb,bbb_flipout,bbb_rho,bbb_flipout_rho \
+        --out runs/variance_bbb                          # Bayes by Backprop: μ and ρ
 """
 
 from __future__ import annotations
@@ -64,7 +71,7 @@ import torch
 from lm.config import load_config, to_dict
 from lm.data import Corpus, load_corpus
 from lm.errors import UserError, run_cli
-from lm.analysis.grad_variance import GATES, SCHEMES, batch_sizes, measure, window_sampler
+from lm.analysis.grad_variance import CLASSIC, GATES, SCHEMES, batch_sizes, measure, window_sampler
 from lm.analysis.plots import plot_variance, print_variance_table
 from lm.cli.evaluate import load_model
 from lm.eval.metrics import metric_name
@@ -72,7 +79,8 @@ from lm.nn.model import LanguageModel, count_parameters
 from lm.analysis.stats import summarize, t_stat_equal, tail_summary
 from lm.train.trainer import Trainer
 
-FAMILY_TITLE = {"gauss": "mult. Gaussian σ = 1", "dropconnect": "DropConnect p = 0.5"}
+FAMILY_TITLE = {"gauss": "mult. Gaussian σ = 1", "dropconnect": "DropConnect p = 0.5",
+                "bbb_mu": "BBB, gradient of μ", "bbb_rho": "BBB, gradient of ρ"}
 
 # Presets fill every option the user did not give. 'full' is the default (hours on 2 CPU cores).
 PRESETS: dict[str, dict] = {
@@ -155,10 +163,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, help="LSTM units (and word embedding size) of the trained model")
     p.add_argument("--layers", type=int, help="LSTM layers of the trained model (default 1 char, 2 word)")
     p.add_argument("--train-steps", type=int, help="optimizer steps to train the model before freezing it")
-    p.add_argument("--train-regularizer", choices=["none", "gauss", "weight_drop"], default=None,
+    p.add_argument("--train-regularizer", choices=["none", "gauss", "weight_drop", "bbb"], default=None,
                    help="regularizer while training the model (default gauss σ=1 for char, weight_drop 0.5 for word)")
     p.add_argument("--eval-tokens", type=int, help="score the trained model on only the first N valid/test tokens")
-    p.add_argument("--schemes", default=",".join(SCHEMES), help=f"comma list out of {', '.join(SCHEMES)}")
+    p.add_argument("--schemes", default=",".join(CLASSIC), help=f"comma list out of {', '.join(SCHEMES)} "
+                   f"(default: {','.join(CLASSIC)})")
     p.add_argument("--data-mode", choices=["fixed", "resample"], default="fixed",
                    help="fixed: the same windows every repetition, variance over the weight noise only (default); "
                         "resample: new windows and noise every repetition (Thm 2's estimator; heavy-tailed)")

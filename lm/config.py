@@ -119,8 +119,18 @@ class RegularizerConfig:
     input_p: float = _f(0.0, "dropout on the first LSTM layer's input")
     between_p: float = _f(0.0, "dropout on the outputs of inner LSTM layers (between layers)")
     output_p: float = _f(0.0, "dropout on the last LSTM layer's output")
+    # Bayes by Backprop (bbb, bbb_flipout; lm/regularizers/bayes.py, docs/bayes.md)
+    init_sigma: float = _f(0.05, "bbb: initial posterior std softplus(rho) of every perturbed weight")
+    prior_sigma: float = _f(0.1, "bbb: std of the Gaussian prior N(0, prior_sigma^2) on the perturbed weights")
+    kl_scale: float = _f(1.0, "bbb: multiply the KL term by this factor (1 = the ELBO; Wen et al. App. E.2 used 0.1)")
+    kl_warmup_steps: int = _f(0, "bbb: raise the KL term's weight linearly from 1/K to 1 over K steps (0 = off)")
 
     def __post_init__(self) -> None:
+        _check("regularizer.init_sigma", self.init_sigma > 0, "a positive std", self.init_sigma)
+        _check("regularizer.prior_sigma", self.prior_sigma > 0, "a positive std", self.prior_sigma)
+        _check("regularizer.kl_scale", self.kl_scale >= 0, "a non-negative factor", self.kl_scale)
+        _check("regularizer.kl_warmup_steps", self.kl_warmup_steps >= 0, "a non-negative integer",
+               self.kl_warmup_steps)
         for key in ("weight_p", "hidden_p", "cell_p", "zoneout_c", "zoneout_h", "embed_p", "input_p",
                     "between_p", "output_p"):
             _prob(f"regularizer.{key}", getattr(self, key))

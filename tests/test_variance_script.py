@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from lm.analysis import grad_variance, stats
-from lm.config import RegularizerConfig
+from lm.config import ModelConfig, RegularizerConfig
 from lm.regularizers import build_regularizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -87,7 +87,8 @@ def test_tiny_resample_subset(variance, tmp_path):
 
 def test_frozen_perturbation_is_shared_and_redrawn():
     """Within a repetition every forward call sees the same ΔŴ = W ∘ ξ; redraw() gives a new one."""
-    for name, (_, _, options) in grad_variance.SCHEMES.items():
+    for name in grad_variance.CLASSIC:
+        options = grad_variance.SCHEMES[name][2]
         reg = build_regularizer(RegularizerConfig(name=name, **options))
         grad_variance.check_multiplicative(reg, (6, 3))
         w = torch.randn(6, 3, requires_grad=True)
@@ -99,6 +100,51 @@ def test_frozen_perturbation_is_shared_and_redrawn():
             a.sum().backward()
             assert w.grad is not None  # gradients still flow through W
         assert "base_perturbation" not in vars(reg)  # the override is removed afterwards
+
+
+def test_frozen_bbb_noise_is_shared_and_redrawn_and_reaches_mu_and_rho():
+    """bbb: ε is frozen within a repetition (same ΔŴ = σ ∘ ε each call), redrawn by redraw()."""
+    torch.manual_seed(0)
+    model = grad_variance.LanguageModel(ModelConfig(input="onehot", hidden_size=4, num_layers=1),
+                                        RegularizerConfig(name="bbb"), 5)
+    reg = grad_variance.bayes_regularizer(model, "bbb_flipout")
+    layer = model.layers[0]
+    with grad_variance.frozen_base_perturbation(reg.train()) as redraw:
+        a, b = reg.layer_noise(layer, 3, 2).flip_hh.delta, reg.layer_noise(layer, 3, 2).flip_hh.delta
+        assert torch.equal(a, b)
+        redraw()
+        c = reg.layer_noise(layer, 3, 2).flip_hh.delta
+        assert not torch.equal(a, c)
+        (grad,) = torch.autograd.grad(c.sum(), reg.rho_hh[0])
+        assert grad.abs().min() > 0  # ρ still gets its gradient through σ
+    assert "draw_eps" not in vars(reg)
+
+
+def test_bbb_rho_is_taken_from_a_bbb_trained_model():
+    torch.manual_seed(0)
+    model = grad_variance.LanguageModel(ModelConfig(input="onehot", hidden_size=4, num_layers=1),
+                                        RegularizerConfig(name="bbb"), 5)
+    with torch.no_grad():
+        model.regularizer.rho_hh[0].uniform_(-3, -1)
+    reg = grad_variance.bayes_regularizer(model, "bbb")
+    assert torch.equal(reg.rho_hh[0], model.regularizer.rho_hh[0])
+
+
+def test_tiny_bbb_schemes(variance, tmp_path):
+    """μ and ρ of bbb against bbb_flipout, on a bbb-trained tiny model: two families compared."""
+    threads = torch.get_num_threads()
+    try:
+        argv = ["--tiny", "--train-regularizer", "bbb", "--schemes", "bbb,bbb_flipout,bbb_rho,bbb_flipout_rho",
+                "--out", str(tmp_path)]
+        assert variance.main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+    r = json.loads((tmp_path / "variance.json").read_text())
+    assert set(r["comparison"]) == {"bbb_mu", "bbb_rho"}
+    for name, s in r["schemes"].items():
+        assert s["family"] == ("bbb_rho" if name.endswith("_rho") else "bbb_mu")
+        _check_series(s, len(r["ns"]))
+    assert r["model"]["config"]["regularizer"]["name"] == "bbb"
 
 
 def test_fit_recovers_one_over_n():

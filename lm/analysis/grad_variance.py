@@ -2,8 +2,9 @@
 
 The estimator behind ``bench/variance.py`` (Wen et al. 2018, Sec. 4.1 / App. C): a frozen
 :class:`lm.nn.model.LanguageModel` is run under one of four weight-noise schemes (shared or flipout,
-Gaussian or DropConnect) and :func:`measure` returns per-group variance estimates for mini-batch
-sizes ``N = 1, 2, 4, ...``. The script owns the model, the CLI and the report; this module owns
+Gaussian or DropConnect), or Bayes by Backprop (``bbb`` / ``bbb_flipout``: the gradient of the
+posterior mean μ = W_hh, or with the ``_rho`` suffix of its scale parameter ρ), and :func:`measure`
+returns per-group variance estimates for mini-batch sizes ``N = 1, 2, 4, ...``. The script owns the model, the CLI and the report; this module owns
 the measurement, so it can be reused on other checkpoints or layers.
 """
 
@@ -21,6 +22,7 @@ from lm.config import RegularizerConfig
 from lm.errors import UserError
 from lm.nn.model import LanguageModel
 from lm.regularizers import Regularizer, build_regularizer
+from lm.regularizers.bayes import BayesByBackprop
 
 GATES = ("i", "f", "g", "o")  # PyTorch's row blocks of W_hh
 
@@ -30,7 +32,13 @@ SCHEMES: dict[str, tuple[str, str, dict]] = {
     "gauss_flipout": ("gauss", "flipout", {"sigma": 1.0}),
     "weight_drop": ("dropconnect", "shared", {"weight_p": 0.5}),
     "wd_flipout": ("dropconnect", "flipout", {"weight_p": 0.5}),
+    # Bayes by Backprop: the same posterior N(μ, softplus(ρ)²); the data-loss gradient of μ or of ρ
+    "bbb": ("bbb_mu", "shared", {}),
+    "bbb_flipout": ("bbb_mu", "flipout", {}),
+    "bbb_rho": ("bbb_rho", "shared", {}),
+    "bbb_flipout_rho": ("bbb_rho", "flipout", {}),
 }
+CLASSIC = ("gauss", "gauss_flipout", "weight_drop", "wd_flipout")  # the default of bench/variance.py
 
 
 @contextlib.contextmanager
@@ -41,20 +49,44 @@ def frozen_base_perturbation(reg: Regularizer) -> Iterator[Callable[[], None]]:
     :func:`check_multiplicative`), so we draw ``ξ = base_perturbation(1)`` once per weight and
     return ``W ∘ ξ``: gradients still flow through ``W`` as in training. Flipout signs are not
     frozen: :class:`lm.nn.flipout.Flip` draws new ones on every forward call.
+
+    For ``bbb``/``bbb_flipout`` (``ΔŴ = σ ∘ ε``) the frozen part is ``ε``, so gradients still
+    reach μ and ρ through ``σ = softplus(ρ)``.
     """
-    draw = type(reg).base_perturbation
     xis: dict[int, torch.Tensor] = {}
+    if isinstance(reg, BayesByBackprop):
+        name, draw = "draw_eps", type(reg).draw_eps
 
-    def frozen(weight: torch.Tensor) -> torch.Tensor:
-        if id(weight) not in xis:
-            xis[id(weight)] = draw(reg, torch.ones_like(weight)).detach()
-        return weight * xis[id(weight)]
+        def frozen(rho: torch.Tensor) -> torch.Tensor:
+            if id(rho) not in xis:
+                xis[id(rho)] = draw(reg, rho).detach()
+            return xis[id(rho)]
+    else:
+        name, draw = "base_perturbation", type(reg).base_perturbation
 
-    reg.base_perturbation = frozen  # type: ignore[method-assign]
+        def frozen(weight: torch.Tensor) -> torch.Tensor:
+            if id(weight) not in xis:
+                xis[id(weight)] = draw(reg, torch.ones_like(weight)).detach()
+            return weight * xis[id(weight)]
+
+    setattr(reg, name, frozen)
     try:
         yield xis.clear
     finally:
-        del reg.base_perturbation
+        delattr(reg, name)
+
+
+def bayes_regularizer(model: LanguageModel, name: str) -> Regularizer:
+    """``bbb``/``bbb_flipout`` attached to ``model``'s layers, with the posterior scales ρ of the
+    model's own bbb regularizer when it has one (a bbb-trained checkpoint), else ``init_sigma``."""
+    reg = build_regularizer(RegularizerConfig(name=name))
+    reg.attach(model.layers)
+    old = model.regularizer
+    if isinstance(old, BayesByBackprop) and len(old.rho_hh) == len(reg.rho_hh):
+        with torch.no_grad():
+            for new, trained in zip(reg.rho_hh, old.rho_hh):
+                new.copy_(trained)
+    return reg
 
 
 def check_multiplicative(reg: Regularizer, shape: tuple[int, int]) -> None:
@@ -106,19 +138,24 @@ def block_gradient(model: LanguageModel, weight: torch.Tensor, x: torch.Tensor, 
 
 def measure(model: LanguageModel, scheme: str, sampler: Callable, ns: list[int], reps: int, groups: int,
             chunk: int, layer: int, seed: int, log: Callable[[str], None] = print) -> tuple[np.ndarray, np.ndarray]:
-    """Group estimates of the gradient variance of ``W_hh`` of ``layer`` (1-based).
+    """Group estimates of the gradient variance of ``W_hh`` of ``layer`` (1-based), or for the
+    ``bbb*_rho`` schemes of its posterior scale ρ (same shape, same gate blocks).
 
     Returns:
         ``(groups, len(ns), 5)``: per group and N, the per-element variance averaged over the
         gates i, f, g, o and (last column) over the whole matrix; and ``(reps,)``: the squared
         Frobenius norm of each repetition's N = 1 gradient (to detect heavy tails).
     """
-    _, _, options = SCHEMES[scheme]
-    reg = build_regularizer(RegularizerConfig(name=scheme, **options))
-    check_multiplicative(reg, (8, 4))
+    family, _, options = SCHEMES[scheme]
+    if family.startswith("bbb"):
+        reg = bayes_regularizer(model, scheme.removesuffix("_rho"))
+    else:
+        reg = build_regularizer(RegularizerConfig(name=scheme, **options))
+        check_multiplicative(reg, (8, 4))
+    restore = model.regularizer
     model.regularizer = reg
     model.train()
-    weight = model.layers[layer - 1].weight_hh
+    weight = reg.rho_hh[layer - 1] if family == "bbb_rho" else model.layers[layer - 1].weight_hh
     hidden = model.layers[layer - 1].hidden_size
     per = reps // groups
     out = np.zeros((groups, len(ns), len(GATES) + 1))
@@ -148,5 +185,5 @@ def measure(model: LanguageModel, scheme: str, sampler: Callable, ns: list[int],
             out[g, :, :4] = var.view(len(ns), 4, hidden, -1).mean((2, 3)).numpy()
             out[g, :, 4] = var.mean((1, 2)).numpy()
             log(f"  {scheme}: group {g + 1}/{groups} done, {time.perf_counter() - t0:.0f}s")
-    model.regularizer = build_regularizer(RegularizerConfig())
+    model.regularizer = restore
     return out, n1_sq

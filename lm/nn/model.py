@@ -49,6 +49,7 @@ class LanguageModel(nn.Module):
         if self.onehot and self.regularizer.cfg.embed_p > 0:
             raise UserError("config key regularizer.embed_p needs model.input=embedding (one-hot input has no "
                             "embedding matrix): set it to 0")
+        self.regularizer.attach(self.layers)  # e.g. bbb's posterior scales, one per perturbed weight
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from lm.config import RegularizerConfig
 from lm.errors import UserError
 from lm.regularizers.base import NoRegularizer, Regularizer
+from lm.regularizers.bayes import BayesByBackprop, BBBFlipout
 from lm.regularizers.dropout import Dropout
 from lm.regularizers.semeniuta import Semeniuta
 from lm.regularizers.variational import Variational
@@ -31,7 +32,8 @@ def register(cls: type[Regularizer]) -> type[Regularizer]:
     return cls
 
 
-_BUILTINS = (NoRegularizer, Dropout, Variational, Semeniuta, Zoneout, WeightDrop, WDFlipout, Gauss, GaussFlipout)
+_BUILTINS = (NoRegularizer, Dropout, Variational, Semeniuta, Zoneout, WeightDrop, WDFlipout, Gauss, GaussFlipout,
+             BayesByBackprop, BBBFlipout)
 for _cls in _BUILTINS:
     register(_cls)
 

@@ -7,7 +7,11 @@ A regularizer acts at four places of :class:`lm.nn.model.LanguageModel`:
 * ``drop_input`` / ``drop_between`` / ``drop_output``: dropout on the LSTM stack's input,
   between layers and on its output, ``(T, B, F)``; *locked* (one mask per example held over
   the window, AWD's LockedDropout) unless the class sets ``locked = False`` (a new mask per step);
-* ``layer_noise``: the :class:`lm.nn.lstm.RecurrentNoise` plan of one LSTM layer for one window.
+* ``layer_noise``: the :class:`lm.nn.lstm.RecurrentNoise` plan of one LSTM layer for one window;
+* ``attach``: called once by the model with its LSTM layers (a regularizer with parameters of its
+  own, e.g. the posterior scales of ``bbb``, creates them here);
+* ``extra_loss`` / ``log_stats``: a term the trainer adds to the training loss (``bbb``'s KL), and
+  the figures it adds to each metrics.jsonl record.
 
 Every option is a probability or scale; at zero, and in eval mode, each hook is an exact
 identity (zoneout in eval uses its expectation, by definition of the method).
@@ -96,6 +100,19 @@ class Regularizer(nn.Module):
     def layer_noise(self, layer: LSTMLayer, batch: int, steps: int) -> RecurrentNoise:
         """The plan for one layer and one window of ``steps`` x ``batch``: here, the mean weights."""
         return RecurrentNoise(layer.weight_ih, layer.weight_hh, training=self.training)
+
+    def attach(self, layers: nn.ModuleList) -> None:
+        """Called once by the model with its LSTM layers; the base has nothing to set up."""
+
+    def extra_loss(self, step: int, train_tokens: int) -> torch.Tensor | None:
+        """A term to add to the mean token loss of training step ``step`` (0-based), or None.
+
+        ``train_tokens``: the size of the training set, for terms that are per data set (a KL)."""
+        return None
+
+    def log_stats(self) -> dict[str, float]:
+        """Figures for the metrics record of a validation (since the previous call); none here."""
+        return {}
 
     def extra_repr(self) -> str:
         keys = ("name", *self.options, *SHARED_OPTIONS)

@@ -181,7 +181,8 @@ class Trainer:
                   "lr": self.opt.lr, "train_loss": train_loss, f"train_{m}": from_nats(train_loss, self.level),
                   "valid_loss": val["loss"], f"valid_{m}": val[m],
                   "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "elapsed_s": self.wall,
-                  "best": improved, "event": event, **{f"valid_{k}": val[k] for k in ("text_bpc",) if k in val}}
+                  "best": improved, "event": event, **{f"valid_{k}": val[k] for k in ("text_bpc",) if k in val},
+                  **self.model.regularizer.log_stats()}  # bbb: kl, kl_weight, sigma_mean
         if self.dist.is_main:
             self._log(record, val, improved, event)
         self.save("last.pt")
@@ -195,7 +196,8 @@ class Trainer:
             self.tb.log(record, self.step)
         log(f"| epoch {record['epoch']:6.2f} | step {self.step:7d} | lr {self.opt.lr:.3g} | train {m} "
                    f"{record[f'train_{m}']:8.3f} | valid {m} {val[m]:8.3f} | {record['tokens_per_s']:8.0f} tok/s "
-                   f"| {self.wall:7.0f}s{' *' if improved else ''}{f' [{event}]' if event else ''}")
+                   f"| {self.wall:7.0f}s{' *' if improved else ''}{f' [{event}]' if event else ''}"
+            + "".join(f" | {k} {record[k]:.3g}" for k in ("kl", "kl_weight", "sigma_mean") if k in record))
 
     # -- training ---------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -208,8 +210,9 @@ class Trainer:
         with shared_noise(self.cfg.train.seed, self.step):  # noise shared by the batch: keyed, same in every rank
             logits, state = self.net(x, self.state)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        extra = self.model.regularizer.extra_loss(self.step, self.corpus.train.numel())  # bbb: weighted KL/N
         self.opt.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if extra is None else loss + extra).backward()
         value = self.dist.mean(loss.item())  # all ranks see a divergence
         if not math.isfinite(value):
             raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
