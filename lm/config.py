@@ -119,12 +119,17 @@ class RegularizerConfig:
     input_p: float = _f(0.0, "dropout on the first LSTM layer's input")
     between_p: float = _f(0.0, "dropout on the outputs of inner LSTM layers (between layers)")
     output_p: float = _f(0.0, "dropout on the last LSTM layer's output")
+    ar: float = _f(0.0, "AR (Merity et al. 2017): alpha * mean of the squared dropped output of the last layer, "
+                   "added to the training loss")
+    tar: float = _f(0.0, "TAR (Merity et al. 2017): beta * mean of the squared change between consecutive raw "
+                    "(undropped) outputs of the last layer, added to the training loss")
 
     def __post_init__(self) -> None:
         for key in ("weight_p", "hidden_p", "cell_p", "zoneout_c", "zoneout_h", "embed_p", "input_p",
                     "between_p", "output_p"):
             _prob(f"regularizer.{key}", getattr(self, key))
-        _check("regularizer.sigma", self.sigma >= 0, "a non-negative number", self.sigma)
+        for key in ("sigma", "ar", "tar"):
+            _check(f"regularizer.{key}", getattr(self, key) >= 0, "a non-negative number", getattr(self, key))
 
 
 @dataclass

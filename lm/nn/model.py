@@ -77,9 +77,13 @@ class LanguageModel(nn.Module):
         zeros = lambda: w.new_zeros(batch_size, self.cfg.hidden_size)  # noqa: E731
         return [(zeros(), zeros()) for _ in self.layers]
 
-    def forward(self, tokens: torch.Tensor, state: list[State]) -> tuple[torch.Tensor, list[State]]:
-        """Args: tokens ``(T, B)`` ids; state from :meth:`init_state` or the previous window.
-        Returns: logits ``(T, B, V)`` and the new state (not detached)."""
+    def forward(self, tokens: torch.Tensor, state: list[State],
+                return_outputs: bool = False) -> tuple[torch.Tensor, list[State]] | tuple:
+        """Args: tokens ``(T, B)`` ids; state from :meth:`init_state` or the previous window;
+        ``return_outputs``: also return the last layer's outputs (for AR/TAR, Merity et al. 2017).
+        Returns: logits ``(T, B, V)`` and the new state (not detached); with ``return_outputs`` a
+        third item ``(raw, dropped)``, the last layer's output before and after ``drop_output``,
+        each ``(T, B, H_last)``."""
         reg = self.regularizer
         steps, batch = tokens.shape
         if self.encoder is None:
@@ -93,7 +97,10 @@ class LanguageModel(nn.Module):
             new_state.append(s)
             if i + 1 < len(self.layers):
                 x = reg.drop_between(x)
-        return self.decoder(reg.drop_output(x)), new_state
+        dropped = reg.drop_output(x)
+        if return_outputs:
+            return self.decoder(dropped), new_state, (x, dropped)
+        return self.decoder(dropped), new_state
 
 
 def detach_state(state: list[State]) -> list[State]:

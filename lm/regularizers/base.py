@@ -26,7 +26,7 @@ from lm.errors import UserError
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
 
-SHARED_OPTIONS = ("embed_p", "input_p", "between_p", "output_p")
+SHARED_OPTIONS = ("embed_p", "input_p", "between_p", "output_p", "ar", "tar")  # ar/tar: read by the trainer
 
 
 class Regularizer(nn.Module):

@@ -33,6 +33,7 @@ from lm.eval.metrics import add_text_bpc, from_nats, metric_name
 from lm.files import atomic_write
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
+from lm.train.activation_reg import ActivationRegularizer
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
 from lm.train.optim import Optimization
@@ -74,6 +75,7 @@ class Trainer:
         self.train_data = self.dist.shard(batchify(self.corpus.train, cfg.train.batch_size)).to(self.device)
         self.net = self.dist.wrap(self.model, self.device)  # the model, or DDP around it
         self.opt = Optimization(cfg, self.model)
+        self.act_reg = ActivationRegularizer(cfg.regularizer.ar, cfg.regularizer.tar)  # AR/TAR (Merity 2017)
         self.epoch = self.step = self.pos = self.bad_validations = 0
         self.best_val, self.best_epoch, self.best_step = math.inf, 0, 0
         self.elapsed, self.tokens_seen = 0.0, 0  # training-step seconds and tokens (for tokens/s)
@@ -153,7 +155,8 @@ class Trainer:
                   "lr": self.opt.lr, "train_loss": train_loss, f"train_{m}": from_nats(train_loss, self.level),
                   "valid_loss": val["loss"], f"valid_{m}": val[m],
                   "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "elapsed_s": self.wall,
-                  "best": improved, "event": event, **{f"valid_{k}": val[k] for k in ("text_bpc",) if k in val}}
+                  "best": improved, "event": event, **{f"valid_{k}": val[k] for k in ("text_bpc",) if k in val},
+                  **self.act_reg.flush()}
         if self.dist.is_main:
             self._log(record, val, improved, event)
         self.save("last.pt")
@@ -177,10 +180,13 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.opt.set_step_lr(x.size(0))
         self.model.train()
-        logits, state = self.net(x, self.state)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        if self.act_reg.active:
+            logits, state, (raw, dropped) = self.net(x, self.state, return_outputs=True)
+        else:
+            logits, state = self.net(x, self.state)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # reported; AR/TAR only in the gradient
         self.opt.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss + self.act_reg.penalty(raw, dropped) if self.act_reg.active else loss).backward()
         value = self.dist.mean(loss.item())  # all ranks see a divergence
         if not math.isfinite(value):
             raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
