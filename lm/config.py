@@ -88,7 +88,8 @@ class ModelConfig:
     emb_size: int = _f(650, "embedding size (ignored for onehot input, which has the vocabulary size)")
     hidden_size: int = _f(650, "LSTM units per layer")
     num_layers: int = _f(2, "number of stacked LSTM layers")
-    tie_weights: bool = _f(False, "share the embedding and decoder matrices (needs emb_size == hidden_size)")
+    tie_weights: bool = _f(False, "share the embedding and decoder matrices; the last LSTM layer then has "
+                           "emb_size units (AWD-LSTM), the others hidden_size")
     init: str = _f("uniform", "'uniform' (AWD: embeddings/decoder U(-r,r), LSTM U(-1/sqrt(H),1/sqrt(H))) "
                    "or 'orthogonal' (orthogonal gate blocks, zero biases; the paper's char model)")
     init_range: float = _f(0.1, "r for the uniform embedding/decoder initialisation")
@@ -100,8 +101,16 @@ class ModelConfig:
             _check(f"model.{key}", getattr(self, key) > 0, "a positive integer", getattr(self, key))
         if self.tie_weights and self.input == "onehot":
             raise UserError("config key model.tie_weights=true needs model.input=embedding")
-        if self.tie_weights and self.emb_size != self.hidden_size:
-            raise UserError("config key model.tie_weights=true needs model.emb_size == model.hidden_size")
+        if self.tie_weights and self.num_layers == 1 and self.emb_size != self.hidden_size:
+            raise UserError("config key model.tie_weights=true with one layer needs model.emb_size == "
+                            "model.hidden_size (the tied last layer has emb_size units): make them equal")
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        """Units of each LSTM layer: ``hidden_size``, except a tied last layer, which has ``emb_size``
+        so that its output feeds the tied decoder (AWD-LSTM: 3 layers of 1150, 1150, 400)."""
+        last = self.emb_size if self.tie_weights else self.hidden_size
+        return [self.hidden_size] * (self.num_layers - 1) + [last]
 
 
 @dataclass
