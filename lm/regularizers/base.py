@@ -93,6 +93,14 @@ class Regularizer(nn.Module):
         """The plan for one layer and one window of ``steps`` x ``batch``: here, the mean weights."""
         return RecurrentNoise(layer.weight_ih, layer.weight_hh, training=self.training)
 
+    # -- sampling granularity (used by Monte-Carlo evaluation, lm/eval/mc.py) ------------
+    def shares_noise_across_batch(self) -> bool:
+        """True when one forward pass draws noise shared by every example of the batch, so that
+        K copies of a stream in one batch would not be K independent samples. Here: embedding
+        dropout, which drops rows of the embedding matrix for the whole batch; the locked and
+        per-step dropout masks are per example."""
+        return self.cfg.embed_p > 0
+
     def extra_repr(self) -> str:
         keys = ("name", *self.options, *SHARED_OPTIONS)
         return ", ".join(f"{k}={getattr(self.cfg, k)}" for k in keys) + f", locked={self.locked}"
