@@ -16,6 +16,8 @@ from lm.nn.model import LanguageModel
 from lm.train.activation_reg import ActivationRegularizer, activation_terms
 from tests.tiny import write_tiny
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads cost more than they save
+
 
 def test_terms_match_hand_computed_example():
     # T=3, B=1, H=2; 'dropped' is raw with masks [1,0], [0,1], [1,1] scaled by 1/(1-0.5) = 2

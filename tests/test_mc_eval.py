@@ -30,6 +30,8 @@ NOISY = {
 }
 SHARED = {"weight_drop", "gauss", "dropout_embed"}
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # tiny tensors: threads cost more than they save
+
 
 def model_and_data(reg: dict, seed: int = 0) -> tuple[LanguageModel, torch.Tensor]:
     torch.manual_seed(seed)
