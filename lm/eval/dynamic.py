@@ -37,7 +37,7 @@ RULES = ("sgd", "rms")
 KRAUSE_LR, KRAUSE_DECAY, KRAUSE_EPSILON = 5e-5, 2e-3, 2e-5
 KRAUSE_LR_GRID = (3e-5, 4e-5, 5e-5, 6e-5, 7e-5, 1e-4)
 KRAUSE_DECAY_GRID = (1e-3, 2e-3, 3e-3, 5e-3)
-SGD_LR_GRID = (0.01, 0.03, 0.1, 0.3, 1.0)  # chosen: no published grid for the plain SGD rule
+SGD_LR_GRID = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)  # chosen: no published grid for the plain SGD rule
 
 
 @dataclass
