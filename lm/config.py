@@ -88,7 +88,8 @@ class ModelConfig:
     emb_size: int = _f(650, "embedding size (ignored for onehot input, which has the vocabulary size)")
     hidden_size: int = _f(650, "LSTM units per layer")
     num_layers: int = _f(2, "number of stacked LSTM layers")
-    tie_weights: bool = _f(False, "share the embedding and decoder matrices (needs emb_size == hidden_size)")
+    tie_weights: bool = _f(False, "share the embedding and decoder matrices; the last LSTM layer then has "
+                           "emb_size units (AWD-LSTM), the others hidden_size")
     init: str = _f("uniform", "'uniform' (AWD: embeddings/decoder U(-r,r), LSTM U(-1/sqrt(H),1/sqrt(H))) "
                    "or 'orthogonal' (orthogonal gate blocks, zero biases; the paper's char model)")
     init_range: float = _f(0.1, "r for the uniform embedding/decoder initialisation")
@@ -100,8 +101,16 @@ class ModelConfig:
             _check(f"model.{key}", getattr(self, key) > 0, "a positive integer", getattr(self, key))
         if self.tie_weights and self.input == "onehot":
             raise UserError("config key model.tie_weights=true needs model.input=embedding")
-        if self.tie_weights and self.emb_size != self.hidden_size:
-            raise UserError("config key model.tie_weights=true needs model.emb_size == model.hidden_size")
+        if self.tie_weights and self.num_layers == 1 and self.emb_size != self.hidden_size:
+            raise UserError("config key model.tie_weights=true with one layer needs model.emb_size == "
+                            "model.hidden_size (the tied last layer has emb_size units): make them equal")
+
+    @property
+    def layer_sizes(self) -> list[int]:
+        """Units of each LSTM layer: ``hidden_size``, except a tied last layer, which has ``emb_size``
+        so that its output feeds the tied decoder (AWD-LSTM: 3 layers of 1150, 1150, 400)."""
+        last = self.emb_size if self.tie_weights else self.hidden_size
+        return [self.hidden_size] * (self.num_layers - 1) + [last]
 
 
 @dataclass
@@ -124,6 +133,10 @@ class RegularizerConfig:
     prior_sigma: float = _f(0.1, "bbb: std of the Gaussian prior N(0, prior_sigma^2) on the perturbed weights")
     kl_scale: float = _f(1.0, "bbb: multiply the KL term by this factor (1 = the ELBO; Wen et al. App. E.2 used 0.1)")
     kl_warmup_steps: int = _f(0, "bbb: raise the KL term's weight linearly from 1/K to 1 over K steps (0 = off)")
+    ar: float = _f(0.0, "AR (Merity et al. 2017): alpha * mean of the squared dropped output of the last layer, "
+                   "added to the training loss")
+    tar: float = _f(0.0, "TAR (Merity et al. 2017): beta * mean of the squared change between consecutive raw "
+                    "(undropped) outputs of the last layer, added to the training loss")
 
     def __post_init__(self) -> None:
         _check("regularizer.init_sigma", self.init_sigma > 0, "a positive std", self.init_sigma)
@@ -134,7 +147,8 @@ class RegularizerConfig:
         for key in ("weight_p", "hidden_p", "cell_p", "zoneout_c", "zoneout_h", "embed_p", "input_p",
                     "between_p", "output_p"):
             _prob(f"regularizer.{key}", getattr(self, key))
-        _check("regularizer.sigma", self.sigma >= 0, "a non-negative number", self.sigma)
+        for key in ("sigma", "ar", "tar"):
+            _check(f"regularizer.{key}", getattr(self, key) >= 0, "a non-negative number", getattr(self, key))
 
 
 @dataclass

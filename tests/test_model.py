@@ -73,9 +73,26 @@ def test_tied_weights_share_storage():
     assert count_parameters(model) == count_parameters(tiny()) - 23 * 12
 
 
-def test_tie_needs_equal_sizes():
+def test_tie_with_one_layer_needs_equal_sizes():
     with pytest.raises(UserError, match="emb_size == model.hidden_size"):
-        ModelConfig(emb_size=10, hidden_size=12, tie_weights=True)
+        ModelConfig(emb_size=10, hidden_size=12, num_layers=1, tie_weights=True)
+
+
+def test_tied_last_layer_has_embedding_size():
+    """AWD-LSTM: with tied weights the last layer has emb_size units, the others hidden_size."""
+    cfg = ModelConfig(emb_size=4, hidden_size=7, num_layers=3, tie_weights=True)
+    assert cfg.layer_sizes == [7, 7, 4]
+    assert ModelConfig(emb_size=4, hidden_size=7, num_layers=3).layer_sizes == [7, 7, 7]
+    model = LanguageModel(cfg, RegularizerConfig(), 9)
+    assert [(l.input_size, l.hidden_size) for l in model.layers] == [(4, 7), (7, 7), (7, 4)]
+    assert model.decoder.weight is model.encoder.weight
+    # 9*4 embedding (tied) + 9 decoder bias + per layer 4H(in + H) + 8H
+    expected = 9 * 4 + 9 + sum(4 * h * (i + h) + 8 * h for i, h in ((4, 7), (7, 7), (7, 4)))
+    assert count_parameters(model) == expected
+    state = model.init_state(2)
+    assert [h.shape[1] for h, _ in state] == [7, 7, 4]
+    logits, state = model(torch.randint(0, 9, (5, 2)), state)
+    assert logits.shape == (5, 2, 9) and [c.shape[1] for _, c in state] == [7, 7, 4]
 
 
 def test_onehot_rejects_embedding_dropout():

@@ -10,6 +10,7 @@ from typing import Sequence
 
 import torch
 
+from lm.cli import eval_extras
 from lm.config import load_config
 from lm.data.custom import load_data
 from lm.errors import UserError
@@ -46,7 +47,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (smoke runs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    eval_extras.add_arguments(p)  # --mc-samples, --dynamic-eval and their options
     args = p.parse_args(argv)
+    eval_extras.check(args)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--bptt", args.bptt, 1),
                              ("--max-tokens", args.max_tokens, 2)):
         if value is not None and value < low:
@@ -73,10 +76,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     m = metric_name(corpus.level)
     out = {"checkpoint": args.checkpoint, "split": args.split, "level": corpus.level,
            "batch_size": args.batch_size or cfg.eval.batch_size, **result}
+    out.update(eval_extras.run(args, model, corpus, cfg, data, args.batch_size or cfg.eval.batch_size))
     if args.json:
         print(json.dumps(out))
     else:
         text = f" | text BPC {result['text_bpc']:.4f}" if "text_bpc" in result else ""
         print(f"{args.split}: loss {result['loss']:.4f} nats/token | {m} {result[m]:.4f} | {result['tokens']} tokens"
               + text)
+        for line in eval_extras.describe(out, corpus.level):
+            print(line)
     return 0

@@ -8,6 +8,8 @@ The paper's char model (App. D.1) feeds one-hot characters into a 1x1000 LSTM: a
 vector times ``W_ih`` is a column lookup, so it costs no more than an embedding, and with a
 50-symbol vocabulary the model has 4*1000*(50+1000) + 2*4000 + 1000*50 + 50 = 4,258,050
 parameters. The word model (2x650, untied 650-d embeddings, 10k words) has 19,780,400.
+With tied weights the last layer has ``emb_size`` units (AWD-LSTM's rule, Merity et al. 2017):
+AWD's word model, 3 layers of 1150, 1150, 400 units on 400-d embeddings, has 24,221,600.
 """
 
 from __future__ import annotations
@@ -39,9 +41,9 @@ class LanguageModel(nn.Module):
         self.onehot = cfg.input == "onehot"
         in_size = vocab_size if self.onehot else cfg.emb_size
         self.encoder = None if self.onehot else nn.Embedding(vocab_size, cfg.emb_size)
-        self.layers = nn.ModuleList(
-            LSTMLayer(in_size if i == 0 else cfg.hidden_size, cfg.hidden_size) for i in range(cfg.num_layers))
-        self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
+        sizes = cfg.layer_sizes  # tied: the last layer has emb_size units (AWD-LSTM)
+        self.layers = nn.ModuleList(LSTMLayer(n_in, n) for n_in, n in zip([in_size, *sizes[:-1]], sizes))
+        self.decoder = nn.Linear(sizes[-1], vocab_size)
         if cfg.tie_weights:
             assert self.encoder is not None
             self.decoder.weight = self.encoder.weight
@@ -73,14 +75,18 @@ class LanguageModel(nn.Module):
                     layer.rnn.bias_hh_l0.zero_()
 
     def init_state(self, batch_size: int) -> list[State]:
-        """Zero ``(h, c)`` per layer, each ``(B, H)``."""
+        """Zero ``(h, c)`` per layer, each ``(B, H_layer)``."""
         w = self.decoder.weight
-        zeros = lambda: w.new_zeros(batch_size, self.cfg.hidden_size)  # noqa: E731
-        return [(zeros(), zeros()) for _ in self.layers]
+        return [(w.new_zeros(batch_size, layer.hidden_size), w.new_zeros(batch_size, layer.hidden_size))
+                for layer in self.layers]
 
-    def forward(self, tokens: torch.Tensor, state: list[State]) -> tuple[torch.Tensor, list[State]]:
-        """Args: tokens ``(T, B)`` ids; state from :meth:`init_state` or the previous window.
-        Returns: logits ``(T, B, V)`` and the new state (not detached)."""
+    def forward(self, tokens: torch.Tensor, state: list[State],
+                return_outputs: bool = False) -> tuple[torch.Tensor, list[State]] | tuple:
+        """Args: tokens ``(T, B)`` ids; state from :meth:`init_state` or the previous window;
+        ``return_outputs``: also return the last layer's outputs (for AR/TAR, Merity et al. 2017).
+        Returns: logits ``(T, B, V)`` and the new state (not detached); with ``return_outputs`` a
+        third item ``(raw, dropped)``, the last layer's output before and after ``drop_output``,
+        each ``(T, B, H_last)``."""
         reg = self.regularizer
         steps, batch = tokens.shape
         if self.encoder is None:
@@ -94,7 +100,10 @@ class LanguageModel(nn.Module):
             new_state.append(s)
             if i + 1 < len(self.layers):
                 x = reg.drop_between(x)
-        return self.decoder(reg.drop_output(x)), new_state
+        dropped = reg.drop_output(x)
+        if return_outputs:
+            return self.decoder(dropped), new_state, (x, dropped)
+        return self.decoder(dropped), new_state
 
 
 def detach_state(state: list[State]) -> list[State]:

@@ -32,7 +32,7 @@ from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
 from lm.nn.rng import shared_generator
 
-SHARED_OPTIONS = ("embed_p", "input_p", "between_p", "output_p")
+SHARED_OPTIONS = ("embed_p", "input_p", "between_p", "output_p", "ar", "tar")  # ar/tar: read by the trainer
 
 
 class Regularizer(nn.Module):
@@ -113,6 +113,13 @@ class Regularizer(nn.Module):
     def log_stats(self) -> dict[str, float]:
         """Figures for the metrics record of a validation (since the previous call); none here."""
         return {}
+    # -- sampling granularity (used by Monte-Carlo evaluation, lm/eval/mc.py) ------------
+    def shares_noise_across_batch(self) -> bool:
+        """True when one forward pass draws noise shared by every example of the batch, so that
+        K copies of a stream in one batch would not be K independent samples. Here: embedding
+        dropout, which drops rows of the embedding matrix for the whole batch; the locked and
+        per-step dropout masks are per example."""
+        return self.cfg.embed_p > 0
 
     def extra_repr(self) -> str:
         keys = ("name", *self.options, *SHARED_OPTIONS)

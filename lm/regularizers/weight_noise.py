@@ -53,6 +53,13 @@ class WeightNoise(Regularizer):
             return weight + delta, None
         return weight, Flip.sample(delta, batch, steps if self.cfg.resample_per_step else None)
 
+    def shares_noise_across_batch(self) -> bool:
+        """The shared perturbations (weight_drop, gauss) draw one ``ΔŴ`` for the whole batch.
+        Flipout counts as per example: each example gets its own signs, hence its own weights
+        (pseudo-independent: the examples of one window share ``ΔŴ``, as in training)."""
+        active = self.cfg.weight_p > 0 if "weight_p" in self.options else self.cfg.sigma > 0
+        return super().shares_noise_across_batch() or (active and not self.flipout)
+
     def layer_noise(self, layer: LSTMLayer, batch: int, steps: int) -> RecurrentNoise:
         noise = super().layer_noise(layer, batch, steps)
         if not self.training:

@@ -35,6 +35,7 @@ from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
 from lm.nn.rng import shared_noise
 from lm.train import report
+from lm.train.activation_reg import ActivationRegularizer
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
 from lm.train.optim import Optimization
@@ -91,6 +92,7 @@ class Trainer:
         say(report.data_line(self.corpus, num_windows(self.train_data, cfg.train.bptt)))
         say(report.model_line(count_parameters(self.model)))
         self.opt = Optimization(cfg, self.model)
+        self.act_reg = ActivationRegularizer(cfg.regularizer.ar, cfg.regularizer.tar)  # AR/TAR (Merity 2017)
         self.epoch = self.step = self.pos = self.bad_validations = 0
         self.best_val, self.best_epoch, self.best_step = math.inf, 0, 0
         self.elapsed, self.tokens_seen = 0.0, 0  # training-step seconds and tokens (for tokens/s)
@@ -182,7 +184,7 @@ class Trainer:
                   "valid_loss": val["loss"], f"valid_{m}": val[m],
                   "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "elapsed_s": self.wall,
                   "best": improved, "event": event, **{f"valid_{k}": val[k] for k in ("text_bpc",) if k in val},
-                  **self.model.regularizer.log_stats()}  # bbb: kl, kl_weight, sigma_mean
+                  **self.model.regularizer.log_stats(), **self.act_reg.flush()}  # bbb: kl, kl_weight, sigma_mean
         if self.dist.is_main:
             self._log(record, val, improved, event)
         self.save("last.pt")
@@ -208,11 +210,15 @@ class Trainer:
         self.opt.set_step_lr(x.size(0))
         self.model.train()
         with shared_noise(self.cfg.train.seed, self.step):  # noise shared by the batch: keyed, same in every rank
-            logits, state = self.net(x, self.state)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+            if self.act_reg.active:
+                logits, state, (raw, dropped) = self.net(x, self.state, return_outputs=True)
+            else:
+                logits, state = self.net(x, self.state)
+        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # reported; AR/TAR and KL only in the gradient
+        objective = loss + self.act_reg.penalty(raw, dropped) if self.act_reg.active else loss
         extra = self.model.regularizer.extra_loss(self.step, self.corpus.train.numel())  # bbb: weighted KL/N
         self.opt.optimizer.zero_grad(set_to_none=True)
-        (loss if extra is None else loss + extra).backward()
+        (objective if extra is None else objective + extra).backward()
         value = self.dist.mean(loss.item())  # all ranks see a divergence
         if not math.isfinite(value):
             raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
