@@ -15,6 +15,7 @@ from lm.data.custom import load_data
 from lm.errors import UserError
 from lm.eval.evaluation import evaluate
 from lm.eval.metrics import add_text_bpc, metric_name
+from lm.nn.precision import PRECISIONS, Precision
 from lm.train.checkpoint import load_model
 
 
@@ -44,6 +45,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bptt", type=int, default=None, help="evaluation window (speed only; default: eval.bptt)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (smoke runs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32, bf16 or fp16 forward pass (default: the run's train.precision)")
+    p.add_argument("--tf32", choices=["on", "off"], default=None,
+                   help="allow TF32 for float32 matmuls/cuDNN on a GPU (default: the run's train.tf32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     args = p.parse_args(argv)
     for flag, value, low in (("--batch-size", args.batch_size, 1), ("--bptt", args.bptt, 1),
@@ -57,13 +62,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise UserError(f"checkpoint {args.checkpoint} was trained with another vocabulary than this corpus: "
                         "point PTB_DIR/data.ptb_dir at the data it was trained on")
     data = corpus.split(args.split)[: args.max_tokens] if args.max_tokens else corpus.split(args.split)
+    tf32 = cfg.train.tf32 if args.tf32 is None else args.tf32 == "on"
+    precision = Precision(args.precision or cfg.train.precision, model.decoder.weight.device, tf32)
     with torch.inference_mode():
         result = evaluate(model, data, corpus.level,
-                          args.batch_size or cfg.eval.batch_size, args.bptt or cfg.eval.bptt)
+                          args.batch_size or cfg.eval.batch_size, args.bptt or cfg.eval.bptt, precision)
     result = add_text_bpc(result, corpus, args.split)  # own corpora: bits per character of the text
     m = metric_name(corpus.level)
     out = {"checkpoint": args.checkpoint, "split": args.split, "level": corpus.level,
-           "batch_size": args.batch_size or cfg.eval.batch_size, **result}
+           "batch_size": args.batch_size or cfg.eval.batch_size, **result, "precision": precision.describe()}
     if args.json:
         print(json.dumps(out))
     else:

@@ -33,6 +33,7 @@ from lm.eval.metrics import add_text_bpc, from_nats, metric_name
 from lm.files import atomic_write
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
+from lm.nn.precision import Precision
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
 from lm.train.optim import Optimization
@@ -65,6 +66,8 @@ class Trainer:
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
         self.device = self.dist.device(resolve_device(cfg.train.device))
+        self.precision = Precision(cfg.train.precision, self.device, cfg.train.tf32)  # sets the TF32 flags
+        self.scaler = self.precision.scaler()  # fp16 loss scaling; a pass-through otherwise
         torch.manual_seed(cfg.train.seed)
         # a resumed run reuses its own tokenizer; rank 0 loads first (it fills caches, trains SentencePiece)
         self.corpus = corpus or self.dist.main_first(lambda: load_data(cfg, self.run_dir if resume else None),
@@ -97,12 +100,14 @@ class Trainer:
             "hidden": [[h.cpu(), c.cpu()] for h, c in self.dist.gather_state(self.state)],
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_step": self.best_step,
             "bad_validations": self.bad_validations, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
-            "wall": self.wall,
+            "wall": self.wall, **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
         }
 
     def _restore(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck)
+        if "scaler" in ck and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"]["cpu"])
         if "cuda" in ck["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
@@ -133,7 +138,8 @@ class Trainer:
         """Score the current weights on ``split`` (its first ``eval.max_tokens`` tokens if set)."""
         e = self.cfg.eval
         data = self.corpus.split(split)[: e.max_tokens] if e.max_tokens else self.corpus.split(split)
-        return self.dist.from_main(lambda: add_text_bpc(evaluate(self.model, data, self.level, e.batch_size, e.bptt),
+        return self.dist.from_main(lambda: add_text_bpc(evaluate(self.model, data, self.level, e.batch_size, e.bptt,
+                                                                 self.precision),
                                                         self.corpus, split))
 
     def validate(self, train_loss: float) -> bool:
@@ -177,16 +183,19 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.opt.set_step_lr(x.size(0))
         self.model.train()
-        logits, state = self.net(x, self.state)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+        with self.precision.autocast():  # bf16/fp16 matmuls; the loss below is float32
+            logits, state = self.net(x, self.state)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())
         self.opt.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        value = self.dist.mean(loss.item())  # all ranks see a divergence
+        self.scaler.scale(loss).backward()
+        value = self.dist.mean(loss.item())  # all ranks see a divergence; the step's one host sync
         if not math.isfinite(value):
             raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
         if self.cfg.optim.clip:
+            self.scaler.unscale_(self.opt.optimizer)  # clip the true gradients (no-op unless fp16)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.optim.clip)
-        self.opt.optimizer.step()
+        self.scaler.step(self.opt.optimizer)  # fp16: skips a step whose gradients overflowed
+        self.scaler.update()
         self.state = detach_state(state)
         return value
 
@@ -261,6 +270,7 @@ class Trainer:
             "steps": self.step, "best_epoch": self.best_epoch, "best_step": self.best_step,
             "train_tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "wall_s": self.wall,
             "valid": self.evaluate("valid"), "test": self.evaluate("test"),
+            "precision": self.precision.describe(),
         }
         if not self.dist.is_main:
             return results
