@@ -434,7 +434,7 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(records))
     speedups = precision_table(records)
     if speedups:
-        print("\nlow precision against fp32 (tokens/s ratio, same model):\n" + speedups)
+        print("\nlow precision against fp32 (tokens/s ratio, same model):\n\n" + speedups)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2) + "\n")
