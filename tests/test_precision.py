@@ -82,7 +82,8 @@ def compare_bf16(name: str, device: str = "cpu") -> list[float]:
     errors = []
     for label, a, b in zip(NAMES, low, ref):
         err = ((a.float() - b).abs().max() / b.abs().max()).item()
-        assert err <= bf16_tolerance(), f"{name}: {label} differs by {err / U_BF16:.1f}u > {bf16_tolerance() / U_BF16:.0f}u"
+        tol = bf16_tolerance()
+        assert err <= tol, f"{name}: {label} differs by {err / U_BF16:.1f}u > {tol / U_BF16:.0f}u"
         errors.append(err)
     assert max(errors) > 0, f"{name}: bf16 gave float32's numbers bit for bit: the matmuls did not run in bf16"
     return errors

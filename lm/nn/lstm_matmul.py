@@ -63,7 +63,8 @@ def onednn_linear_available(dtype: torch.dtype = torch.float32) -> bool:
             # the result is rounded once to dtype (relative u), float32 sums of 8 terms add ~8 u_32
             u = _UNIT_ROUNDOFF[dtype]
             scale = (x.float().abs() @ w.float().abs().t()).max()
-            return bool(y.dtype == dtype and torch.allclose(y.float(), ref, rtol=2 * u, atol=float(16 * 2.0**-24 * scale)))
+            atol = float(16 * _UNIT_ROUNDOFF[torch.float32] * scale)
+            return bool(y.dtype == dtype and torch.allclose(y.float(), ref, rtol=2 * u, atol=atol))
     except (AttributeError, RuntimeError, NotImplementedError):  # op missing or unsupported on this build
         return False
 
