@@ -39,7 +39,14 @@ eval_tokens_per_s, ratio_vs_nn_lstm`` (training), ``eval_ratio_vs_nn_lstm, peak_
 mem_ratio_vs_nn_lstm, threads, rounds, train_ratios`` (every round's training ratio) and
 ``loadavg`` (the machine's 1/5/15-minute load averages after the timings, this run's own threads
 included: on a shared machine
-other processes' load slows nn.LSTM more than the window kernel, so compare runs at similar load).
+other processes' load slows nn.LSTM more than the window kernel, so compare runs at similar load)
+and ``precision`` (fp32, bf16 or fp16).
+
+Mixed precision (``--precision bf16``, or a list such as ``fp32,bf16``): every model, ``nn.LSTM``
+included, runs its forward pass under the same autocast policy (:mod:`lm.nn.precision`; fp16
+with a gradient scaler), so each ratio compares like with like. With fp32 and a low precision in
+one call, a second table gives each model's low-precision tokens/s over its fp32 tokens/s (those
+come from separate timing blocks of the same process, not interleaved rounds).
 
 Usage::
 
@@ -47,6 +54,7 @@ Usage::
     python bench/throughput.py --quick --sizes char --only variational,wd_flipout
     python bench/throughput.py --device cuda --json runs/throughput_cuda.json
     python bench/throughput.py --tiny --json /tmp/t.json          # seconds (tests)
+    python bench/throughput.py --threads 2 --precision fp32,bf16 --json runs/bf16.json
 """
 
 from __future__ import annotations
@@ -72,6 +80,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lm.config import ModelConfig, RegularizerConfig  # noqa: E402
 from lm.nn.model import LanguageModel, detach_state  # noqa: E402
+from lm.nn.precision import PRECISIONS, Precision  # noqa: E402
 
 REFERENCE = "nn_lstm"
 
@@ -152,9 +161,12 @@ class NNLSTMModel(nn.Module):
 class Runner:
     """A model with its optimizer, a fixed random batch and a carried hidden state."""
 
-    def __init__(self, model: nn.Module, size: Size, device: torch.device, data: torch.Tensor) -> None:
+    def __init__(self, model: nn.Module, size: Size, device: torch.device, data: torch.Tensor,
+                 precision: Precision | None = None) -> None:
         self.model = model.to(device)
         self.size, self.device = size, device
+        self.precision = precision or Precision("fp32", device)
+        self.scaler = self.precision.scaler()
         params = list(self.model.parameters())
         if size.optim == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=size.lr)
@@ -165,24 +177,30 @@ class Runner:
         self.tokens = self.y.numel()
 
     def _detach(self, state):
-        return tuple(s.detach() for s in state) if isinstance(self.model, NNLSTMModel) else detach_state(state)
+        if isinstance(self.model, NNLSTMModel):  # nn.LSTM under autocast returns its state in the low dtype
+            return tuple(s.detach().float() for s in state)
+        return detach_state(state)
 
     def train_step(self) -> None:
         """As :meth:`lm.train.trainer.Trainer.train_step`: forward, loss, backward, clip, step."""
         self.model.train()
-        logits, state = self.model(self.x, self.state)
-        loss = F.cross_entropy(logits.flatten(0, 1), self.y.flatten())
+        with self.precision.autocast():
+            logits, state = self.model(self.x, self.state)
+        loss = F.cross_entropy(logits.float().flatten(0, 1), self.y.flatten())
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        self.scaler.scale(loss).backward()
         if self.size.clip:
+            self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.size.clip)
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
         self.state = self._detach(state)
 
     @torch.no_grad()
     def eval_step(self) -> None:
         self.model.eval()
-        _, state = self.model(self.x, self.state)
+        with self.precision.autocast():
+            _, state = self.model(self.x, self.state)
         self.state = self._detach(state)
 
 
@@ -246,13 +264,14 @@ def peak_step_memory(fn: Callable[[], None], device: torch.device) -> float:
     return peak / 2**20
 
 
-def build_runners(size: Size, names: Sequence[str], device: torch.device) -> dict[str, Runner]:
+def build_runners(size: Size, names: Sequence[str], device: torch.device,
+                  precision: Precision | None = None) -> dict[str, Runner]:
     torch.manual_seed(0)
     data = torch.randint(0, size.vocab, (size.bptt + 1, size.batch), device=device)
-    runners = {REFERENCE: Runner(NNLSTMModel(size.model, size.vocab), size, device, data)}
+    runners = {REFERENCE: Runner(NNLSTMModel(size.model, size.vocab), size, device, data, precision)}
     regs = regularizers(size.name)
     for name in names:
-        runners[name] = Runner(LanguageModel(size.model, regs[name], size.vocab), size, device, data)
+        runners[name] = Runner(LanguageModel(size.model, regs[name], size.vocab), size, device, data, precision)
     return runners
 
 
@@ -292,9 +311,9 @@ def interleaved(runners: dict[str, Runner], step: str, rounds: int, device: torc
 
 
 def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int, warmup: int,
-            log: Callable[[str], None]) -> list[dict]:
-    runners = build_runners(size, names, device)
-    log(f"[{size.name}] warm-up ({warmup} train + eval steps per model)")
+            log: Callable[[str], None], precision: str = "fp32") -> list[dict]:
+    runners = build_runners(size, names, device, Precision(precision, device))
+    log(f"[{size.name}, {precision}] warm-up ({warmup} train + eval steps per model)")
     for runner in runners.values():
         for _ in range(warmup):
             runner.train_step()
@@ -314,7 +333,7 @@ def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int,
             "ratio_vs_nn_lstm": train[name]["ratio"], "eval_ratio_vs_nn_lstm": evals[name]["ratio"],
             "peak_mem_mb": peak_step_memory(runner.train_step, device),
             "threads": torch.get_num_threads(), "rounds": rounds,
-            "train_ratios": train[name]["ratios"], "loadavg": load,
+            "train_ratios": train[name]["ratios"], "loadavg": load, "precision": precision,
         })
     ref_mem = records[0]["peak_mem_mb"]
     for rec in records:
@@ -324,14 +343,32 @@ def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int,
 
 def format_table(records: list[dict]) -> str:
     """Markdown table; 'train ratio' is the median over rounds with the rounds' range in brackets."""
-    head = ("| size | regularizer | kernel | train tok/s | train ratio (range) | eval tok/s | eval ratio "
+    head = ("| size | precision | regularizer | kernel | train tok/s | train ratio (range) | eval tok/s | eval ratio "
             "| peak MiB | mem ratio |")
-    lines = [head, "|" + "---|" * 9]
+    lines = [head, "|" + "---|" * 10]
     for r in records:
         lo, hi = min(r["train_ratios"]), max(r["train_ratios"])
-        lines.append(f"| {r['size']} | {r['name']} | {r['kernel']} | {r['train_tokens_per_s']:,.0f} "
+        lines.append(f"| {r['size']} | {r.get('precision', 'fp32')} | {r['name']} | {r['kernel']} "
+                     f"| {r['train_tokens_per_s']:,.0f} "
                      f"| {r['ratio_vs_nn_lstm']:.2f} ({lo:.2f}-{hi:.2f}) | {r['eval_tokens_per_s']:,.0f} "
                      f"| {r['eval_ratio_vs_nn_lstm']:.2f} | {r['peak_mem_mb']:.1f} | {r['mem_ratio_vs_nn_lstm']:.2f} |")
+    return "\n".join(lines)
+
+
+def precision_table(records: list[dict]) -> str:
+    """Each model's low-precision training (and evaluation) tokens/s over its fp32 tokens/s; empty
+    unless the records hold fp32 and at least one low precision."""
+    fp32 = {(r["size"], r["name"]): r for r in records if r.get("precision", "fp32") == "fp32"}
+    low = [r for r in records if r.get("precision", "fp32") != "fp32" and (r["size"], r["name"]) in fp32]
+    if not low:
+        return ""
+    lines = ["| size | precision | regularizer | train tok/s | fp32 train tok/s | train speed-up | eval speed-up |",
+             "|" + "---|" * 7]
+    for r in low:
+        f = fp32[(r["size"], r["name"])]
+        lines.append(f"| {r['size']} | {r['precision']} | {r['name']} | {r['train_tokens_per_s']:,.0f} "
+                     f"| {f['train_tokens_per_s']:,.0f} | {r['train_tokens_per_s'] / f['train_tokens_per_s']:.2f} "
+                     f"| {r['eval_tokens_per_s'] / f['eval_tokens_per_s']:.2f} |")
     return "\n".join(lines)
 
 
@@ -346,8 +383,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="char,word", help="comma-separated subset of: char, word")
     p.add_argument("--only", default="", help="comma-separated regularizer names (default: all); "
                    f"choices: {', '.join(regularizers('char'))}")
+    p.add_argument("--precision", default="fp32", help="comma-separated list of: fp32, bf16, fp16 (default fp32); "
+                   "each is timed in turn, every model under the same policy")
     p.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
     args = p.parse_args(argv)
+    args.precisions = [x for x in args.precision.split(",") if x]
+    bad = [x for x in args.precisions if x not in PRECISIONS]
+    if bad or not args.precisions:
+        p.error(f"--precision: unknown {', '.join(bad) or '(none)'}; choose from {', '.join(PRECISIONS)}")
+    if "fp16" in args.precisions and args.device == "cpu":
+        p.error("--precision fp16 needs --device cuda: oneDNN has no float16 CPU LSTM for the nn.LSTM "
+                "reference; use bf16 on a CPU")
     sizes = [s for s in args.sizes.split(",") if s]
     bad = [s for s in sizes if s not in SIZES]
     if bad or not sizes:
@@ -382,9 +428,13 @@ def _run(args: argparse.Namespace) -> int:
     log(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, device {device}, "
         f"{torch.get_num_threads()} threads")
     records = []
-    for size in args.size_list:
-        records += measure(table[size], args.names, device, rounds, warmup, log)
+    for precision in args.precisions:
+        for size in args.size_list:
+            records += measure(table[size], args.names, device, rounds, warmup, log, precision)
     print(format_table(records))
+    speedups = precision_table(records)
+    if speedups:
+        print("\nlow precision against fp32 (tokens/s ratio, same model):\n\n" + speedups)
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2) + "\n")

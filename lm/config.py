@@ -192,6 +192,9 @@ class TrainConfig:
     progress: bool = _f(True, "show a tqdm progress bar on a terminal")
     tensorboard: bool = _f(False, "also log each validation to TensorBoard in <run dir>/tensorboard "
                            "(needs pip install -e .[tensorboard])")
+    precision: str = _f("fp32", "'fp32', 'bf16' or 'fp16' (autocast; fp16 with loss scaling); parameters, "
+                        "optimizer state, the LSTM state and the loss stay float32 (README, Precision)")
+    tf32: bool = _f(False, "allow TF32 for float32 matmuls and cuDNN on GPUs (off: IEEE float32 everywhere)")
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "bptt", "max_epochs"):
@@ -202,6 +205,7 @@ class TrainConfig:
         _check("train.patience", self.patience >= 0, "a non-negative integer", self.patience)
         _check("train.threads", self.threads >= 0, "a non-negative integer", self.threads)
         _choice("train.device", self.device, ["auto", "cpu", "cuda"])
+        _choice("train.precision", self.precision, ["fp32", "bf16", "fp16"])
 
 
 @dataclass

@@ -41,10 +41,28 @@ def test_tiny_run_writes_json(throughput, tmp_path, capsys):
     kernels = {r["name"]: r["kernel"] for r in records}
     assert kernels["none"] == "fused" and kernels["variational"] == "window"
     table = capsys.readouterr().out
-    assert "| char | wd_flipout | window |" in table
+    assert "| char | fp32 | wd_flipout | window |" in table
+
+
+def test_precisions_compared_in_one_run(throughput, tmp_path, capsys):
+    """--precision fp32,bf16: every record says its precision; the bf16-over-fp32 table is printed."""
+    out = tmp_path / "p.json"
+    code = throughput.main(["--tiny", "--threads", "1", "--rounds", "1", "--sizes", "char",
+                            "--only", "none,wd_flipout", "--precision", "fp32,bf16", "--json", str(out)])
+    assert code == 0
+    records = json.loads(out.read_text())
+    assert sorted((r["precision"], r["name"]) for r in records) == sorted(
+        (p, n) for p in ("fp32", "bf16") for n in ("nn_lstm", "none", "wd_flipout"))
+    text = capsys.readouterr().out
+    assert "| char | bf16 | wd_flipout | window |" in text
+    assert "low precision against fp32" in text and "| char | bf16 | nn_lstm |" in text
 
 
 def test_unknown_names_are_rejected(throughput):
+    with pytest.raises(SystemExit):
+        throughput.main(["--tiny", "--precision", "fp8"])
+    with pytest.raises(SystemExit):
+        throughput.main(["--tiny", "--precision", "fp16"])  # CPU: no fp16 nn.LSTM to compare with
     with pytest.raises(SystemExit):
         throughput.main(["--tiny", "--only", "no_such_regularizer"])
     with pytest.raises(SystemExit):

@@ -16,6 +16,7 @@ from lm.data.custom import load_data
 from lm.errors import UserError
 from lm.eval.evaluation import evaluate
 from lm.eval.metrics import add_text_bpc, metric_name
+from lm.nn.precision import PRECISIONS, Precision
 from lm.train.checkpoint import load_model
 from lm.train.preflight import check_split_size
 
@@ -46,6 +47,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--bptt", type=int, default=None, help="evaluation window (speed only; default: eval.bptt)")
     p.add_argument("--max-tokens", type=int, default=None, help="score only the first N tokens (smoke runs)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--precision", choices=PRECISIONS, default=None,
+                   help="fp32, bf16 or fp16 forward pass (default: the run's train.precision)")
+    p.add_argument("--tf32", choices=["on", "off"], default=None,
+                   help="allow TF32 for float32 matmuls/cuDNN on a GPU (default: the run's train.tf32)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     eval_extras.add_arguments(p)  # --mc-samples, --dynamic-eval and their options
     args = p.parse_args(argv)
@@ -69,13 +74,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     what = f"the {args.split} split" + (f" (--max-tokens {args.max_tokens})" if args.max_tokens else "")
     check_split_size(what, data.numel(), batch, "the evaluation batch size",
                      "lower --batch-size" + (" or raise --max-tokens" if args.max_tokens else ""))
+    tf32 = cfg.train.tf32 if args.tf32 is None else args.tf32 == "on"
+    precision = Precision(args.precision or cfg.train.precision, model.decoder.weight.device, tf32)
     with torch.inference_mode():
         result = evaluate(model, data, corpus.level,
-                          args.batch_size or cfg.eval.batch_size, args.bptt or cfg.eval.bptt)
+                          args.batch_size or cfg.eval.batch_size, args.bptt or cfg.eval.bptt, precision)
     result = add_text_bpc(result, corpus, args.split)  # own corpora: bits per character of the text
     m = metric_name(corpus.level)
     out = {"checkpoint": args.checkpoint, "split": args.split, "level": corpus.level,
-           "batch_size": args.batch_size or cfg.eval.batch_size, **result}
+           "batch_size": args.batch_size or cfg.eval.batch_size, **result, "precision": precision.describe()}
     out.update(eval_extras.run(args, model, corpus, cfg, data, args.batch_size or cfg.eval.batch_size))
     if args.json:
         print(json.dumps(out))

@@ -29,6 +29,8 @@ bench/throughput.py measures it against nn.LSTM (docs/performance_throughput.md)
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 from torch.func import functional_call
@@ -36,6 +38,7 @@ from torch.func import functional_call
 from lm.nn.flipout import flipout_linear
 from lm.nn.lstm_kernel import lstm_window
 from lm.nn.noise import RecurrentNoise, State, WindowDraws, draw_window
+from lm.nn.precision import autocast_dtype
 
 
 def reference_loop(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor,
@@ -108,12 +111,18 @@ class LSTMLayer(nn.Module):
 
     def _fused(self, x: torch.Tensor, state: State, noise: RecurrentNoise) -> tuple[torch.Tensor, State]:
         h0, c0 = state[0].unsqueeze(0), state[1].unsqueeze(0)
-        if noise.weight_ih is self.weight_ih and noise.weight_hh is self.weight_hh:
-            out, (h, c) = self.rnn(x, (h0, c0))
-        else:
-            weights = {"weight_ih_l0": noise.weight_ih, "weight_hh_l0": noise.weight_hh}
-            out, (h, c) = functional_call(self.rnn, weights, (x, (h0, c0)))
-        return out, (h.squeeze(0), c.squeeze(0))
+        # oneDNN's CPU LSTM has no float16 kernel ("could not create a primitive descriptor"):
+        # under fp16 autocast on a CPU the fused layer runs in float32
+        fp32 = x.device.type == "cpu" and autocast_dtype("cpu") == torch.float16
+        with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
+            x = x.to(state[0].dtype) if fp32 else x
+            if noise.weight_ih is self.weight_ih and noise.weight_hh is self.weight_hh:
+                out, (h, c) = self.rnn(x, (h0, c0))
+            else:
+                weights = {"weight_ih_l0": noise.weight_ih, "weight_hh_l0": noise.weight_hh}
+                out, (h, c) = functional_call(self.rnn, weights, (x, (h0, c0)))
+        # under autocast cuDNN/oneDNN hand the state back in the low dtype: the carried state stays float32
+        return out, (h.squeeze(0).to(state[0].dtype), c.squeeze(0).to(state[1].dtype))
 
     def _loop(self, x: torch.Tensor, state: State, noise: RecurrentNoise) -> tuple[torch.Tensor, State]:
         bias = self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0

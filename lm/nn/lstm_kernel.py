@@ -21,6 +21,13 @@ that is T large outer products and T passes over a ``4H x H`` buffer. The window
   into preallocated buffers. The kernel leaves torch's thread setting alone: switching to one
   thread for the element-wise ops (tried) cost 1-4% on an idle 2-core machine, because every
   switch re-forms the OpenMP team of the next matmul.
+
+Mixed precision (under ``torch.autocast`` with bfloat16 or float16, :mod:`lm.nn.precision`): the
+kernel switches autocast off for itself and runs only the matmuls in the low dtype -- the
+per-step products (:mod:`lm.nn.lstm_matmul`) and the window's two weight-gradient products --
+with float32 accumulation. The input projection arrives in the low dtype and is taken to
+float32; the state, the gates, the cell update, the saved backward factors and the whole
+element-wise backward stay float32, as do the outputs and the gradients handed back.
 """
 
 from __future__ import annotations
@@ -28,8 +35,9 @@ from __future__ import annotations
 import torch
 
 from lm.nn.flipout import Flip
-from lm.nn.lstm_matmul import GateMatmul, HiddenGrad
+from lm.nn.lstm_matmul import GateMatmul, HiddenGrad, low_mm
 from lm.nn.noise import State, WindowDraws
+from lm.nn.precision import autocast_dtype
 
 
 def _flip_parts(flip: Flip | None):
@@ -45,8 +53,9 @@ def _steps(x, steps: int) -> list:
     return [x] * steps
 
 
-def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, save: bool):
-    """The forward recurrence of one window (``delta``: ``ΔŴ`` ``(4H, H)`` with flipout, else None).
+def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool):
+    """The forward recurrence of one window (``delta``: ``ΔŴ`` ``(4H, H)`` with flipout, else None;
+    ``low``: the dtype of the matmuls under mixed precision, else None).
 
     Returns ``hall`` ``(T+1, B, H)`` (``h0``, then every ``h_t``), ``c_T``, and, when ``save``,
     what backward needs (else None): ``fac`` ``(T, B, 4H)``, the derivative factors of the four
@@ -81,7 +90,7 @@ def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, save: boo
         left_all = None
     s_t, r_t, cell_t = _steps(s, steps), _steps(r, steps), _steps(cell, steps)
     zc_t, zh_t = _steps(zc, steps), _steps(zh, steps)
-    gates = GateMatmul(w, delta, batch)
+    gates = GateMatmul(w, delta, batch, low)
     gi, gf, gg, go = gates.gates
     u, v, tc, gp_buf, w_buf = (new(batch, hid) for _ in range(5))
     c_bufs = (new(batch, hid), new(batch, hid))
@@ -140,9 +149,10 @@ class _LSTMWindow(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh):
-        hall, c, fac, aux, left, stacked = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh,
+    def forward(ctx, xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low):
+        hall, c, fac, aux, left, stacked = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low,
                                                            save=True)
+        ctx.low = low
         zc_t, zh_t = (z if isinstance(z, torch.Tensor) else None for z in (zc, zh))
         ctx.save_for_backward(hall, fac, aux, left, w, delta, stacked, s, r, mask, zc_t, zh_t)
         ctx.zone = (zc, zh) if zc_t is None or zh_t is None else None  # floats (eval expectation) or None
@@ -150,6 +160,12 @@ class _LSTMWindow(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_hall, d_c):
+        with torch.autocast(d_hall.device.type, enabled=False):  # float32 element-wise work, explicit casts
+            return _LSTMWindow._backward(ctx, d_hall, d_c)
+
+    @staticmethod
+    def _backward(ctx, d_hall, d_c):
+        low = ctx.low
         try:
             hall, fac, aux, left, w, delta, stacked, s, r, mask, zc, zh = ctx.saved_tensors
         except RuntimeError as e:
@@ -171,7 +187,7 @@ class _LSTMWindow(torch.autograd.Function):
         keep_c = 1 - zc if zc is not None else None
         keep_c_t = _steps(keep_c, steps)
         d_hs = d_hall.unbind(0)
-        grad_h = HiddenGrad(w, delta, mask, batch, stacked)
+        grad_h = HiddenGrad(w, delta, mask, batch, stacked, low)
         new = lambda: fac.new_empty(batch, hid)  # noqa: E731
         dcn = new()
         dc_bufs, dh_bufs = (new(), new()), (new(), new())
@@ -198,25 +214,41 @@ class _LSTMWindow(torch.autograd.Function):
         need = ctx.needs_input_grad
         d_gates = fac.view(-1, h4)
         hr = hall[:-1] if left is None else left[0] if delta is not None else left
-        d_w = d_gates.t().mm(hr.reshape(-1, hid)) if need[3] else None
+        d_w = _weight_grad(d_gates, hr.reshape(-1, hid), low) if need[3] else None
         d_delta = None
         if delta is not None and need[4]:
             # dΔ = Σ_t (dgates ∘ r)ᵀ (h̃ ∘ s): flip the signs of dgates in place and back (r ∘ r = 1 exactly)
             fac.mul_(r)
-            d_delta = d_gates.t().mm(left[1].reshape(-1, hid))
+            d_delta = _weight_grad(d_gates, left[1].reshape(-1, hid), low)
             fac.mul_(r)
         return (fac, dh if need[1] else None, dc if need[2] else None, d_w, d_delta,
-                None, None, None, None, None, None)
+                None, None, None, None, None, None, None)
+
+
+def _weight_grad(d_gates: torch.Tensor, left: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
+    """``Σ_t dgates_tᵀ left_t`` ``(4H, H)`` over the window's ``T·B`` rows, in float32 (the
+    product in ``low`` under mixed precision, accumulated in float32)."""
+    if low is None:
+        return d_gates.t().mm(left)
+    return low_mm(d_gates.t(), left, low).float()
 
 
 def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor,
                 draws: WindowDraws) -> tuple[torch.Tensor, State]:
-    """The fast recurrence of one window; same arguments and results as :func:`reference_loop`."""
+    """The fast recurrence of one window; same arguments and results as :func:`reference_loop`.
+
+    Under ``torch.autocast`` (bf16/fp16) the matmuls run in that dtype and everything else in
+    the weights' float32 (see the module docstring); outputs and state come back in float32."""
     delta, s, r = _flip_parts(draws.flip)
+    device = xproj.device.type
+    low = autocast_dtype(device) if weight_hh.dtype == torch.float32 else None
+    if low is not None:
+        xproj = xproj.to(weight_hh.dtype)  # the input projection comes out of autocast in `low`
     args = (xproj, state[0], state[1], weight_hh, delta, s, r, draws.hidden_mask, draws.cell_mask,
             draws.zoneout_c, draws.zoneout_h)
-    if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-        hall, c = _LSTMWindow.apply(*args)
-    else:
-        hall, c = _window_forward(*args, save=False)[:2]
+    with torch.autocast(device, enabled=False):  # the kernel casts explicitly; autocast would break out=
+        if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
+            hall, c = _LSTMWindow.apply(*args, low)
+        else:
+            hall, c = _window_forward(*args, low, save=False)[:2]
     return hall[1:], (hall[-1], c)

@@ -36,6 +36,7 @@ from lm.nn.model import LanguageModel, count_parameters, detach_state
 from lm.nn.rng import shared_noise
 from lm.train import report
 from lm.train.activation_reg import ActivationRegularizer
+from lm.nn.precision import Precision
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
 from lm.train.optim import Optimization
@@ -76,6 +77,8 @@ class Trainer:
         say = report.say if self.dist.is_main else (lambda line: None)
         for line in report.startup_lines(cfg, self.run_dir, resume, str(self.device), self.threads.describe()):
             say(line)  # before data loading: a redirected log says at once what runs where
+        self.precision = Precision(cfg.train.precision, self.device, cfg.train.tf32)  # sets the TF32 flags
+        self.scaler = self.precision.scaler()  # fp16 loss scaling; a pass-through otherwise
         torch.manual_seed(cfg.train.seed)
         # a resumed run reuses its own tokenizer; rank 0 loads first (it fills caches, trains SentencePiece)
         self.corpus = corpus or self.dist.main_first(lambda: load_data(cfg, self.run_dir if resume else None),
@@ -123,11 +126,14 @@ class Trainer:
             "best_val": self.best_val, "best_epoch": self.best_epoch, "best_step": self.best_step,
             "bad_validations": self.bad_validations, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
             "wall": self.wall, "loss_sum": self.loss_sum, "loss_count": self.loss_count,
+            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
         }
 
     def _restore(self, ck: dict) -> None:
         self.model.load_state_dict(ck["model"])
         self.opt.load_state_dict(ck)
+        if "scaler" in ck and self.scaler.is_enabled():
+            self.scaler.load_state_dict(ck["scaler"])
         torch.set_rng_state(ck["rng"]["cpu"])
         if "cuda" in ck["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
@@ -162,7 +168,8 @@ class Trainer:
         """Score the current weights on ``split`` (its first ``eval.max_tokens`` tokens if set)."""
         e = self.cfg.eval
         data = self.corpus.split(split)[: e.max_tokens] if e.max_tokens else self.corpus.split(split)
-        return self.dist.from_main(lambda: add_text_bpc(evaluate(self.model, data, self.level, e.batch_size, e.bptt),
+        return self.dist.from_main(lambda: add_text_bpc(evaluate(self.model, data, self.level, e.batch_size, e.bptt,
+                                                                 self.precision),
                                                         self.corpus, split))
 
     def validate(self, train_loss: float) -> bool:
@@ -209,27 +216,32 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.opt.set_step_lr(x.size(0))
         self.model.train()
-        with shared_noise(self.cfg.train.seed, self.step):  # noise shared by the batch: keyed, same in every rank
+        with shared_noise(self.cfg.train.seed, self.step), self.precision.autocast():  # keyed shared noise; bf16/fp16 matmuls
             if self.act_reg.active:
                 logits, state, (raw, dropped) = self.net(x, self.state, return_outputs=True)
             else:
                 logits, state = self.net(x, self.state)
-        loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())  # reported; AR/TAR and KL only in the gradient
-        objective = loss + self.act_reg.penalty(raw, dropped) if self.act_reg.active else loss
+        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # reported; AR/TAR and KL only in the gradient
+        objective = loss + self.act_reg.penalty(raw.float(), dropped.float()) if self.act_reg.active else loss
         extra = self.model.regularizer.extra_loss(self.step, self.corpus.train.numel())  # bbb: weighted KL/N
         self.opt.optimizer.zero_grad(set_to_none=True)
-        (objective if extra is None else objective + extra).backward()
-        value = self.dist.mean(loss.item())  # all ranks see a divergence
-        if not math.isfinite(value):
-            raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
+        self.scaler.scale(objective if extra is None else objective + extra).backward()
+        self.scaler.unscale_(self.opt.optimizer)  # the true gradients for the norm and clipping (no-op unless fp16)
         params = [p for p in self.model.parameters() if p.grad is not None]
         if self.cfg.optim.clip:  # the global norm before clipping; DDP has already averaged the gradients
             norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip)
         else:
             norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        if not math.isfinite(float(norm)):  # a finite loss can still have inf/NaN gradients: stop before the update
-            raise Diverged(f"non-finite gradient norm ({float(norm)}) at step {self.step + 1}")
-        self.opt.optimizer.step()
+        # the step's one host sync: the loss and the gradient norm together
+        value, norm_value = torch.stack([loss.detach(), norm.to(loss.device, torch.float32)]).tolist()
+        value = self.dist.mean(value)  # all ranks see a divergence
+        if not math.isfinite(value):
+            raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
+        if not math.isfinite(norm_value) and not self.scaler.is_enabled():
+            # a finite loss can still have inf/NaN gradients: stop before the update (fp16's scaler skips such a step)
+            raise Diverged(f"non-finite gradient norm ({norm_value}) at step {self.step + 1}")
+        self.scaler.step(self.opt.optimizer)  # fp16: skips a step whose gradients overflowed
+        self.scaler.update()
         self.state = detach_state(state)
         return value
 
@@ -319,6 +331,7 @@ class Trainer:
             "steps": self.step, "best_epoch": self.best_epoch, "best_step": self.best_step,
             "train_tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "wall_s": self.wall,
             "valid": self.evaluate("valid"), "test": self.evaluate("test"),
+            "precision": self.precision.describe(),
         }
         if not self.dist.is_main:
             return results
