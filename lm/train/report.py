@@ -12,11 +12,27 @@ import os
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from lm.config import Config
 from lm.data.ptb import data_root
 
 _REGULARIZER_KEYS = ("weight_p", "sigma", "perturb_ih", "resample_per_step", "hidden_p", "cell_p", "zoneout_c",
                      "zoneout_h", "embed_p", "input_p", "between_p", "output_p")
+
+
+def log(message: str) -> None:
+    """A line above the progress bar, flushed so that ``nohup``/redirected logs stay current."""
+    tqdm.write(message)
+    sys.stdout.flush()
+
+
+def validation_line(record: dict, m: str, lr: float, wall: float, improved: bool, event: str) -> str:
+    """The one line a validation prints (``m``: 'bpc' or 'ppl'); bbb's KL figures when present."""
+    return (f"| epoch {record['epoch']:6.2f} | step {record['step']:7d} | lr {lr:.3g} | train {m} "
+            f"{record[f'train_{m}']:8.3f} | valid {m} {record[f'valid_{m}']:8.3f} | {record['tokens_per_s']:8.0f} "
+            f"tok/s | {wall:7.0f}s{' *' if improved else ''}{f' [{event}]' if event else ''}"
+            + "".join(f" | {k} {record[k]:.3g}" for k in ("kl", "kl_weight", "sigma_mean") if k in record))
 
 
 def say(line: str) -> None:

@@ -35,6 +35,7 @@ from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
 from lm.nn.rng import shared_noise
 from lm.train import report
+from lm.train.report import log
 from lm.train.activation_reg import ActivationRegularizer
 from lm.nn.precision import Precision
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
@@ -43,22 +44,13 @@ from lm.train.optim import Optimization
 from lm.train.preflight import allocation_error, check_memory, check_sizes
 from lm.train.resume import apply_overrides
 from lm.train.rundir import diverged_note, storage_failure
+from lm.train.step import Diverged, guarded_update
 from lm.train.streams import rng_state
 from lm.train.tensorboard import TensorBoard
 from lm.train.threads import ThreadPolicy
 
 EXIT_INTERRUPTED = 128  # + signal number: 130 for Ctrl-C (SIGINT), 143 for SIGTERM
 EXIT_DIVERGED = 1
-
-
-def log(message: str) -> None:
-    """A line above the progress bar, flushed so that ``nohup``/redirected logs stay current."""
-    tqdm.write(message)
-    sys.stdout.flush()
-
-
-class Diverged(Exception):
-    """The training loss became NaN or infinite."""
 
 
 class Trainer:
@@ -198,15 +190,11 @@ class Trainer:
         return bool(self.cfg.train.patience) and self.bad_validations >= self.cfg.train.patience
 
     def _log(self, record: dict, val: dict, improved: bool, event: str) -> None:
-        m = metric_name(self.level)
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(record) + "\n")
         if self.tb is not None:
             self.tb.log(record, self.step)
-        log(f"| epoch {record['epoch']:6.2f} | step {self.step:7d} | lr {self.opt.lr:.3g} | train {m} "
-                   f"{record[f'train_{m}']:8.3f} | valid {m} {val[m]:8.3f} | {record['tokens_per_s']:8.0f} tok/s "
-                   f"| {self.wall:7.0f}s{' *' if improved else ''}{f' [{event}]' if event else ''}"
-            + "".join(f" | {k} {record[k]:.3g}" for k in ("kl", "kl_weight", "sigma_mean") if k in record))
+        log(report.validation_line(record, metric_name(self.level), self.opt.lr, self.wall, improved, event))
 
     # -- training ---------------------------------------------------------------------
     def _on_signal(self, signum, frame) -> None:
@@ -224,24 +212,8 @@ class Trainer:
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # reported; AR/TAR and KL only in the gradient
         objective = loss + self.act_reg.penalty(raw.float(), dropped.float()) if self.act_reg.active else loss
         extra = self.model.regularizer.extra_loss(self.step, self.corpus.train.numel())  # bbb: weighted KL/N
-        self.opt.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(objective if extra is None else objective + extra).backward()
-        self.scaler.unscale_(self.opt.optimizer)  # the true gradients for the norm and clipping (no-op unless fp16)
-        params = [p for p in self.model.parameters() if p.grad is not None]
-        if self.cfg.optim.clip:  # the global norm before clipping; DDP has already averaged the gradients
-            norm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.clip)
-        else:
-            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        # the step's one host sync: the loss and the gradient norm together
-        value, norm_value = torch.stack([loss.detach(), norm.to(loss.device, torch.float32)]).tolist()
-        value = self.dist.mean(value)  # all ranks see a divergence
-        if not math.isfinite(value):
-            raise Diverged(f"non-finite training loss ({value}) at step {self.step + 1}")
-        if not math.isfinite(norm_value) and not self.scaler.is_enabled():
-            # a finite loss can still have inf/NaN gradients: stop before the update (fp16's scaler skips such a step)
-            raise Diverged(f"non-finite gradient norm ({norm_value}) at step {self.step + 1}")
-        self.scaler.step(self.opt.optimizer)  # fp16: skips a step whose gradients overflowed
-        self.scaler.update()
+        value = guarded_update(objective if extra is None else objective + extra, loss, self.model, self.opt.optimizer,
+                               self.scaler, self.cfg.optim.clip, self.dist.mean, self.step + 1)
         self.state = detach_state(state)
         return value
 
