@@ -49,7 +49,7 @@ from lm.eval.evaluation import evaluate  # noqa: E402
 from lm.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
-PAPER_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.stem != "quickstart")
+PAPER_CONFIGS = sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.stem != "quickstart" and "_awd_" not in p.stem)
 
 
 @contextlib.contextmanager
