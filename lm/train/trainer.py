@@ -34,7 +34,7 @@ from lm.files import atomic_write
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
 from lm.nn.rng import shared_noise
-from lm.train import report
+from lm.train import report, snapshot
 from lm.train.report import log
 from lm.train.activation_reg import ActivationRegularizer
 from lm.nn.precision import Precision
@@ -45,7 +45,6 @@ from lm.train.preflight import allocation_error, check_memory, check_sizes
 from lm.train.resume import apply_overrides
 from lm.train.rundir import diverged_note, storage_failure
 from lm.train.step import Diverged, guarded_update
-from lm.train.streams import rng_state
 from lm.train.tensorboard import TensorBoard
 from lm.train.threads import ThreadPolicy
 
@@ -106,35 +105,8 @@ class Trainer:
         self.tb = TensorBoard(self.run_dir / "tensorboard") if cfg.train.tensorboard and self.dist.is_main else None
 
     # -- checkpoints ------------------------------------------------------------------
-    def _payload(self, model_state: dict | None = None) -> dict:
-        rng = rng_state(self.device)
-        return {
-            "config": to_dict(self.cfg), "vocab": self.corpus.vocab, "params": count_parameters(self.model),
-            "model": model_state or self.model.state_dict(), **self.opt.state_dict(), "rng": rng,
-            "rng_ranks": self.dist.gather_rng(rng),  # every process's stream, for an exact resume
-            "epoch": self.epoch, "step": self.step, "pos": self.pos,
-            # clone: the carried state can be a view of the whole window's output, which torch.save would store
-            "hidden": [[h.cpu().clone(), c.cpu().clone()] for h, c in self.dist.gather_state(self.state)],
-            "best_val": self.best_val, "best_epoch": self.best_epoch, "best_step": self.best_step,
-            "bad_validations": self.bad_validations, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
-            "wall": self.wall, "loss_sum": self.loss_sum, "loss_count": self.loss_count,
-            **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
-        }
-
-    def _restore(self, ck: dict) -> None:
-        self.model.load_state_dict(ck["model"])
-        self.opt.load_state_dict(ck)
-        if "scaler" in ck and self.scaler.is_enabled():
-            self.scaler.load_state_dict(ck["scaler"])
-        torch.set_rng_state(ck["rng"]["cpu"])
-        if "cuda" in ck["rng"] and self.device.type == "cuda":
-            torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
-        for key in ("epoch", "step", "pos", "best_epoch", "best_step", "bad_validations", "tokens_seen"):
-            setattr(self, key, int(ck[key]))
-        self.best_val, self.elapsed = float(ck["best_val"]), float(ck["elapsed"])
-        self.wall_offset = float(ck["wall"])
-        self.loss_sum, self.loss_count = float(ck.get("loss_sum", 0.0)), int(ck.get("loss_count", 0))
-        self.state = self.dist.shard_state([(h.to(self.device), c.to(self.device)) for h, c in ck["hidden"]])
+    _payload = snapshot.payload
+    _restore = snapshot.restore
 
     @property
     def wall(self) -> float:
