@@ -358,7 +358,8 @@ def test_parameter_estimate_matches_the_model():
     from lm.train.preflight import parameter_count
 
     for m in (ModelConfig(emb_size=7, hidden_size=9, num_layers=2), ModelConfig(input="onehot", hidden_size=5),
-              ModelConfig(emb_size=6, hidden_size=6, num_layers=3, tie_weights=True)):
+              ModelConfig(emb_size=6, hidden_size=6, num_layers=3, tie_weights=True),
+              ModelConfig(emb_size=4, hidden_size=9, num_layers=3, tie_weights=True)):  # AWD: last layer emb_size
         assert parameter_count(m, 13) == count_parameters(LanguageModel(m, RegularizerConfig(), 13))
 
 

@@ -36,7 +36,8 @@ class ActivationRegularizer:
 
     def __init__(self, ar: float, tar: float) -> None:
         self.ar, self.tar = ar, tar
-        self._sums, self._count = [0.0, 0.0], 0
+        self._sums: torch.Tensor | None = None  # (AR, TAR) summed on the device: no host sync per step
+        self._count = 0
 
     @property
     def active(self) -> bool:
@@ -45,8 +46,8 @@ class ActivationRegularizer:
     def penalty(self, raw: torch.Tensor, dropped: torch.Tensor) -> torch.Tensor:
         """AR + TAR of one training window, recorded for :meth:`flush`."""
         a, t = activation_terms(raw, dropped, self.ar, self.tar)
-        self._sums[0] += a.item()
-        self._sums[1] += t.item()
+        terms = torch.stack([a, t]).detach().double()
+        self._sums = terms if self._sums is None else self._sums + terms
         self._count += 1
         return a + t
 
@@ -54,7 +55,7 @@ class ActivationRegularizer:
         """``{'train_ar', 'train_tar'}``: means over the steps since the last call ({} when off)."""
         if not self.active:
             return {}
+        ar, tar = self._sums.tolist() if self._sums is not None else (0.0, 0.0)
         n = max(self._count, 1)
-        out = {"train_ar": self._sums[0] / n, "train_tar": self._sums[1] / n}
-        self._sums, self._count = [0.0, 0.0], 0
-        return out
+        self._sums, self._count = None, 0
+        return {"train_ar": ar / n, "train_tar": tar / n}

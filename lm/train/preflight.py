@@ -51,14 +51,14 @@ def check_sizes(cfg: Config, corpus, world: int = 1) -> None:
 
 def parameter_count(m: ModelConfig, vocab: int) -> int:
     """Parameters :class:`lm.nn.model.LanguageModel` will have, computed from the config (no allocation)."""
-    inputs = vocab if m.input == "onehot" else m.emb_size
     count = 0 if m.input == "onehot" else vocab * m.emb_size
-    for i in range(m.num_layers):
-        n_in = inputs if i == 0 else m.hidden_size
-        count += 4 * m.hidden_size * (n_in + m.hidden_size) + 8 * m.hidden_size
+    n_in = vocab if m.input == "onehot" else m.emb_size
+    for h in m.layer_sizes:  # a tied last layer has emb_size units (AWD-LSTM)
+        count += 4 * h * (n_in + h) + 8 * h
+        n_in = h
     count += vocab  # decoder bias
     if not m.tie_weights:
-        count += m.hidden_size * vocab
+        count += n_in * vocab
     return count
 
 
