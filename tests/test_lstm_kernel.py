@@ -12,7 +12,7 @@ import itertools
 import pytest
 import torch
 
-from lm.nn import lstm_matmul
+from lm.nn import lstm_fused, lstm_matmul
 from lm.config import RegularizerConfig
 from lm.nn.flipout import Flip, flipout_linear
 from lm.nn.lstm import LSTMLayer, reference_loop
@@ -77,12 +77,14 @@ needs_onednn = pytest.mark.skipif(not lstm_matmul.onednn_linear_available(),
                                   reason="oneDNN's prepacked linear is not available in this torch build")
 
 
-@pytest.fixture(params=["packed", "bmm"], ids=lambda b: f"backend={b}")
+@pytest.fixture(params=["packed", "packed-torch-step", "bmm"], ids=lambda b: f"backend={b}")
 def backend(request, monkeypatch):
-    """Both backends of the per-step matmuls (lm.nn.lstm_matmul); float32 on CPU picks 'packed' by default."""
-    if request.param == "packed" and not lstm_matmul.onednn_linear_available():
+    """The per-step matmul backends (lm.nn.lstm_matmul). 'packed' (CPU's default) does each step's
+    element-wise work in one C call (lm.nn.lstm_fused); 'packed-torch-step' in torch ops."""
+    if request.param != "bmm" and not lstm_matmul.onednn_linear_available():
         pytest.skip("oneDNN's prepacked linear is not available in this torch build")
-    monkeypatch.setattr(lstm_matmul, "PACKED", None if request.param == "packed" else False)
+    monkeypatch.setattr(lstm_matmul, "PACKED", False if request.param == "bmm" else None)
+    monkeypatch.setattr(lstm_fused, "FUSED", False if request.param == "packed-torch-step" else None)
     return request.param
 
 

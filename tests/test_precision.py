@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from lm.config import RegularizerConfig as R
-from lm.nn import lstm_matmul
+from lm.nn import lstm_fused, lstm_matmul
 from lm.nn.lstm import LSTMLayer
 from lm.nn.precision import Precision, autocast_dtype, set_tf32, tf32_flags
 from lm.regularizers import build_regularizer
@@ -89,11 +89,14 @@ def compare_bf16(name: str, device: str = "cpu") -> list[float]:
     return errors
 
 
-@pytest.fixture(params=["packed", "bmm"], ids=lambda b: f"backend={b}")
+@pytest.fixture(params=["packed", "packed-torch-step", "bmm"], ids=lambda b: f"backend={b}")
 def backend(request, monkeypatch):
-    if request.param == "packed" and not lstm_matmul.onednn_linear_available(torch.bfloat16):
+    """The per-step matmul backends (lm.nn.lstm_matmul). 'packed' (CPU's default) does each step's
+    element-wise work in one C call (lm.nn.lstm_fused); 'packed-torch-step' in torch ops."""
+    if request.param != "bmm" and not lstm_matmul.onednn_linear_available(torch.bfloat16):
         pytest.skip("oneDNN's prepacked linear has no bf16 here")
-    monkeypatch.setattr(lstm_matmul, "PACKED", None if request.param == "packed" else False)
+    monkeypatch.setattr(lstm_matmul, "PACKED", False if request.param == "bmm" else None)
+    monkeypatch.setattr(lstm_fused, "FUSED", False if request.param == "packed-torch-step" else None)
     return request.param
 
 

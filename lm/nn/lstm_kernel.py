@@ -34,10 +34,11 @@ from __future__ import annotations
 
 import torch
 
+from lm.nn import lstm_fused
 from lm.nn.flipout import Flip
 from lm.nn.lstm_matmul import GateMatmul, HiddenGrad, low_mm
 from lm.nn.noise import State, WindowDraws
-from lm.nn.precision import autocast_dtype
+from lm.nn.precision import autocast_dtype, autocast_off
 
 
 def _flip_parts(flip: Flip | None):
@@ -67,7 +68,12 @@ def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save
     left operands: ``h̃`` ``(T, B, H)`` (with a hidden mask) or ``[h̃, h̃ ∘ s]`` ``(2, T, B, H)``
     (flipout); None when ``h̃ = h_{t-1}``. Last, the ``[W_hh, ΔŴ]`` stack the ``bmm`` backend
     built for flipout (None otherwise), which backward reuses instead of stacking again.
+
+    Where it applies (CPU, packed matmuls), :mod:`lm.nn.lstm_fused` runs the same recurrence with
+    each step's element-wise work fused into one C call; below is the torch loop it replaces.
     """
+    if lstm_fused.usable(w, low):
+        return lstm_fused.window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save)
     steps, batch, h4 = xproj.shape
     hid = h4 // 4
     new = lambda *shape: xproj.new_empty(*shape)  # noqa: E731
@@ -160,7 +166,7 @@ class _LSTMWindow(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, d_hall, d_c):
-        with torch.autocast(d_hall.device.type, enabled=False):  # float32 element-wise work, explicit casts
+        with autocast_off(d_hall.device.type):  # float32 element-wise work, explicit casts
             return _LSTMWindow._backward(ctx, d_hall, d_c)
 
     @staticmethod
@@ -177,40 +183,11 @@ class _LSTMWindow(torch.autograd.Function):
         if ctx.zone is not None:
             zc = zc if zc is not None else ctx.zone[0]
             zh = zh if zh is not None else ctx.zone[1]
-        steps, batch, h4 = fac.shape
-        hid = h4 // 4
-        fac_steps = fac.unbind(0)
-        f3s = list(fac.view(steps, batch, 4, hid)[:, :, :3].unbind(0))
-        fos = list(fac.view(steps, batch, 4, hid)[:, :, 3].unbind(0))
-        bcs, fts = (list(v.unbind(0)) for v in aux.view(steps, batch, 2, hid).unbind(2))
-        s_t, r_t, zc_t, zh_t = (_steps(x, steps) for x in (s, r, zc, zh))
-        keep_c = 1 - zc if zc is not None else None
-        keep_c_t = _steps(keep_c, steps)
-        d_hs = d_hall.unbind(0)
-        grad_h = HiddenGrad(w, delta, mask, batch, stacked, low)
-        new = lambda: fac.new_empty(batch, hid)  # noqa: E731
-        dcn = new()
-        dc_bufs, dh_bufs = (new(), new()), (new(), new())
-        dh, dc = d_hs[steps], d_c
-        for t in range(steps - 1, -1, -1):
-            dgt = fac_steps[t]
-            fos[t].mul_(dh)  # d o
-            torch.mul(dh, bcs[t], out=dcn)
-            if zc is None:
-                dcn.add_(dc)
-            elif isinstance(zc, torch.Tensor):
-                dcn.addcmul_(dc, keep_c_t[t])
-            else:
-                dcn.add_(dc, alpha=keep_c)
-            f3s[t].mul_(dcn.unsqueeze(1))  # d i, d f, d g
-            dc_prev = torch.mul(dcn, fts[t], out=dc_bufs[t % 2])
-            if zc is not None:
-                dc_prev.addcmul_(dc, zc_t[t]) if isinstance(zc, torch.Tensor) else dc_prev.add_(dc, alpha=zc)
-            dh_prev = grad_h(d_hs[t], dgt, r_t[t], s_t[t], out=dh_bufs[t % 2])
-            if zh is not None:
-                dh_prev.addcmul_(dh, zh_t[t]) if isinstance(zh, torch.Tensor) else dh_prev.add_(dh, alpha=zh)
-            dh, dc = dh_prev, dc_prev
-
+        if lstm_fused.usable(w, low):
+            dh, dc = lstm_fused.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low)
+        else:
+            dh, dc = _backward_loop(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked, low)
+        h4, hid = w.shape
         need = ctx.needs_input_grad
         d_gates = fac.view(-1, h4)
         hr = hall[:-1] if left is None else left[0] if delta is not None else left
@@ -223,6 +200,45 @@ class _LSTMWindow(torch.autograd.Function):
             fac.mul_(r)
         return (fac, dh if need[1] else None, dc if need[2] else None, d_w, d_delta,
                 None, None, None, None, None, None, None)
+
+
+def _backward_loop(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked, low):
+    """The torch step loop of the backward pass: turns ``fac`` into the gate gradients in place
+    and returns ``(dh_0, dc_0)`` (:mod:`lm.nn.lstm_fused` does the same with fused steps)."""
+    steps, batch, h4 = fac.shape
+    hid = h4 // 4
+    fac_steps = fac.unbind(0)
+    f3s = list(fac.view(steps, batch, 4, hid)[:, :, :3].unbind(0))
+    fos = list(fac.view(steps, batch, 4, hid)[:, :, 3].unbind(0))
+    bcs, fts = (list(v.unbind(0)) for v in aux.view(steps, batch, 2, hid).unbind(2))
+    s_t, r_t, zc_t, zh_t = (_steps(x, steps) for x in (s, r, zc, zh))
+    keep_c = 1 - zc if zc is not None else None
+    keep_c_t = _steps(keep_c, steps)
+    d_hs = d_hall.unbind(0)
+    grad_h = HiddenGrad(w, delta, mask, batch, stacked, low)
+    new = lambda: fac.new_empty(batch, hid)  # noqa: E731
+    dcn = new()
+    dc_bufs, dh_bufs = (new(), new()), (new(), new())
+    dh, dc = d_hs[steps], d_c
+    for t in range(steps - 1, -1, -1):
+        dgt = fac_steps[t]
+        fos[t].mul_(dh)  # d o
+        torch.mul(dh, bcs[t], out=dcn)
+        if zc is None:
+            dcn.add_(dc)
+        elif isinstance(zc, torch.Tensor):
+            dcn.addcmul_(dc, keep_c_t[t])
+        else:
+            dcn.add_(dc, alpha=keep_c)
+        f3s[t].mul_(dcn.unsqueeze(1))  # d i, d f, d g
+        dc_prev = torch.mul(dcn, fts[t], out=dc_bufs[t % 2])
+        if zc is not None:
+            dc_prev.addcmul_(dc, zc_t[t]) if isinstance(zc, torch.Tensor) else dc_prev.add_(dc, alpha=zc)
+        dh_prev = grad_h(d_hs[t], dgt, r_t[t], s_t[t], out=dh_bufs[t % 2])
+        if zh is not None:
+            dh_prev.addcmul_(dh, zh_t[t]) if isinstance(zh, torch.Tensor) else dh_prev.add_(dh, alpha=zh)
+        dh, dc = dh_prev, dc_prev
+    return dh, dc
 
 
 def _weight_grad(d_gates: torch.Tensor, left: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
@@ -246,7 +262,7 @@ def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor,
         xproj = xproj.to(weight_hh.dtype)  # the input projection comes out of autocast in `low`
     args = (xproj, state[0], state[1], weight_hh, delta, s, r, draws.hidden_mask, draws.cell_mask,
             draws.zoneout_c, draws.zoneout_h)
-    with torch.autocast(device, enabled=False):  # the kernel casts explicitly; autocast would break out=
+    with autocast_off(device):  # the kernel casts explicitly; autocast would break out=
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             hall, c = _LSTMWindow.apply(*args, low)
         else:

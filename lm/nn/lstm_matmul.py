@@ -109,7 +109,7 @@ def gemm_parts(w: torch.Tensor) -> int:
     return 2 if w.device.type == "cpu" else 1
 
 
-class _Packed:
+class Packed:
     """``x ↦ x Aᵀ`` for a matrix ``A`` fixed over the window, reordered once for ``rows``-row operands."""
 
     def __init__(self, a: torch.Tensor, rows: int) -> None:
@@ -138,7 +138,7 @@ class GateMatmul:
         self.stacked: torch.Tensor | None = None
         cast = (lambda m: m) if self.low is None else (lambda m: m.to(self.low))  # noqa: E731
         if self.packed:
-            self.lin = [_Packed(cast(m), batch) for m in ((w,) if delta is None else (w, delta))]
+            self.lin = [Packed(cast(m), batch) for m in ((w,) if delta is None else (w, delta))]
         elif self.flip:
             self.stacked = cast(torch.stack((w, delta)))  # [W_hh, ΔŴ], reused by HiddenGrad
             self.weights = self.stacked.transpose(1, 2)  # (2, H, 4H)
@@ -193,7 +193,7 @@ class HiddenGrad:
         cast = (lambda m: m) if self.low is None else (lambda m: m.to(self.low))  # noqa: E731
         self.w, self.tmp = cast(w), w.new_empty(batch, hid)
         if self.packed:  # x ↦ x W is a linear map by Wᵀ: reorder the transposes
-            self.lin = [_Packed(cast(m).t(), batch) for m in ((w,) if delta is None else (w, delta))]
+            self.lin = [Packed(cast(m).t(), batch) for m in ((w,) if delta is None else (w, delta))]
             self.signed = w.new_empty(batch, h4) if self.flip else None
         elif self.flip:
             self.stacked = stacked if stacked is not None else cast(torch.stack((w, delta)))

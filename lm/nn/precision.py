@@ -58,6 +58,14 @@ def autocast_dtype(device_type: str) -> torch.dtype | None:
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
+def autocast_off(device_type: str):
+    """A context with autocast switched off on ``device_type`` (the window kernel casts explicitly);
+    a no-op on devices without autocast (the meta device, on which tests trace the kernel)."""
+    if device_type not in ("cpu", "cuda"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type, enabled=False)
+
+
 def device_name(device: torch.device) -> str:
     """A human-readable name of the device (the GPU model, or the CPU)."""
     if device.type == "cuda":

@@ -1,0 +1,245 @@
+/* The element-wise work of one LSTM recurrence step, fused into one pass per step and direction.
+ *
+ * Companion of lm/nn/lstm_fused.py (which builds, caches and loads this file, and documents the
+ * maths); the eager reference is lm/nn/lstm_kernel.py's _window_forward / _LSTMWindow._backward,
+ * and both are tested against lm.nn.lstm.reference_loop.
+ *
+ * Every operand is a row-major (B, H)-shaped view given as a Slot: a base pointer, the distance
+ * between rows and the distance between time steps (0: the same view every step), in elements.
+ * A gate-shaped operand ((B, 4H): gate pre-activations, signs r, saved factors) holds gate j at
+ * column j*H of each row. Element-wise state and factors are float32; the matmul products (p0,
+ * p1) and the copies made for the next matmul (LOW slots) are float32 or, with `low`, bfloat16.
+ *
+ * Compiled with -O3 -march=native -fno-math-errno -fopenmp (lm/nn/cext.py). The two declarations
+ * below let gcc call glibc's vector expf / tanhf (libmvec, glibc >= 2.35 for tanhf), so each loop
+ * is vectorised, while IEEE semantics stay: no -ffast-math, whose reciprocal turned 1 / (1 + inf)
+ * into NaN and whose finite-math would hide a NaN. OpenMP splits rows across the threads torch
+ * uses (the same libgomp as torch, which is loaded first).
+ */
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+#pragma omp declare simd notinbranch
+float expf(float);
+#pragma omp declare simd notinbranch
+float tanhf(float);
+
+typedef struct { void *base; int64_t row; int64_t step; } Slot;
+
+enum {  /* forward slots */
+    F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_LOW1, F_N
+};
+enum {  /* backward slots */
+    B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW, B_N
+};
+enum { Z_NONE = 0, Z_MASK = 1, Z_SCALAR = 2 };
+
+typedef struct {
+    int64_t batch, hid;
+    int32_t threads, low, save, zc_mode, zh_mode, pad;
+    float zc, zh;     /* zoneout expectations (Z_SCALAR) */
+    Slot s[16];
+} Plan;
+
+#define AT(p, sl, t, b) ((float *)(p)->s[sl].base + (t) * (p)->s[sl].step + (b) * (p)->s[sl].row)
+#define HAS(p, sl) ((p)->s[sl].base != 0)
+#define PAR _Pragma("omp parallel for schedule(static) num_threads(p->threads) if(p->batch * p->hid >= 8192)")
+
+static inline float bf16_to_f32(uint16_t x) {
+    uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f;
+}
+static inline uint16_t f32_to_bf16(float f) {  /* round to nearest even, as torch does (NaN stays NaN) */
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+static inline float load(const void *p, int64_t i, int low) {
+    return low ? bf16_to_f32(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void store(void *p, int64_t i, float v, int low) {
+    if (low) ((uint16_t *)p)[i] = f32_to_bf16(v); else ((float *)p)[i] = v;
+}
+static inline float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* a + w (b - a) as torch.lerp computes it: exact at both ends, so a zoned-out unit (w = 1) keeps
+ * its previous value bit for bit */
+static inline float lerp(float a, float b, float w) { return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w); }
+
+#define K 256  /* elements of a row processed at once: the temporaries stay in L1 */
+#define MIN(a, b) ((a) < (b) ? (a) : (b))
+/* ivdep: the rows a loop reads and writes never overlap at different k (same-k in-place updates
+ * are fine), so gcc may vectorise without run-time alias checks, which it gives up on past ten */
+#define LOOP _Pragma("GCC ivdep") for (int64_t k = 0; k < m; k++)
+
+static inline void fill(float *a, float v) { for (int k = 0; k < K; k++) a[k] = v; }
+
+/* acc[k] += src[k] (bfloat16 or float32), or acc[k] += src[k] * sign[k] when sign is given */
+static inline void add_from(float *restrict acc, const void *src, int64_t off, const float *restrict sign,
+                            int64_t m, int low) {
+    if (low) {
+        const uint16_t *q = (const uint16_t *)src + off;
+        if (sign) { LOOP acc[k] += bf16_to_f32(q[k]) * sign[k]; } else { LOOP acc[k] += bf16_to_f32(q[k]); }
+    } else {
+        const float *q = (const float *)src + off;
+        if (sign) { LOOP acc[k] += q[k] * sign[k]; } else { LOOP acc[k] += q[k]; }
+    }
+}
+
+static inline void to_low(uint16_t *restrict out, const float *restrict src, int64_t m) { LOOP out[k] = f32_to_bf16(src[k]); }
+
+/* Step t's left operands of the matmuls, from h_t (= H slot at t): h̃ = h ∘ mask into LEFT0 (when
+ * there is a mask or flipout), h̃ ∘ s into LEFT1 (flipout), and their copies in the matmul dtype. */
+static void left_row(const Plan *p, int64_t t, int64_t b) {
+    const int64_t m = p->hid;
+    const float *h = AT(p, F_H, t, b);
+    const float *mk = HAS(p, F_MASK) ? AT(p, F_MASK, t, b) : 0, *s = HAS(p, F_S) ? AT(p, F_S, t, b) : 0;
+    float *l0 = HAS(p, F_LEFT0) ? AT(p, F_LEFT0, t, b) : 0, *l1 = HAS(p, F_LEFT1) ? AT(p, F_LEFT1, t, b) : 0;
+    if (l0) { if (mk) { LOOP l0[k] = h[k] * mk[k]; } else { LOOP l0[k] = h[k]; } }
+    const float *src0 = l0 ? l0 : h;
+    if (l1) { LOOP l1[k] = src0[k] * s[k]; }
+    if (p->low) {  /* LOW slots: bfloat16 rows */
+        if (HAS(p, F_LOW0)) to_low((uint16_t *)p->s[F_LOW0].base + b * p->s[F_LOW0].row, src0, m);
+        if (HAS(p, F_LOW1)) to_low((uint16_t *)p->s[F_LOW1].base + b * p->s[F_LOW1].row, l1, m);
+    }
+}
+
+void lstm_left(const Plan *p, int64_t t) {
+    PAR
+    for (int64_t b = 0; b < p->batch; b++) left_row(p, t, b);
+}
+
+/* Forward step t: gates = X_t + p0 + p1 ∘ r, the cell and hidden updates (with the cell mask and
+ * zoneout), the saved derivative factors (lm/nn/lstm_kernel.py's _window_forward docstring), and
+ * step t+1's left operands. */
+static void fwd_row(const Plan *p, int64_t t, int64_t b, const void *p0, const void *p1) {
+    const int64_t n = p->hid;
+    const float *x = AT(p, F_X, t, b), *r = HAS(p, F_R) ? AT(p, F_R, t, b) : 0;
+    const float *c = AT(p, F_C, t, b), *h = AT(p, F_H, t, b);
+    const float *d = HAS(p, F_CELL) ? AT(p, F_CELL, t, b) : 0;
+    const float *zcm = p->zc_mode == Z_MASK ? AT(p, F_ZC, t, b) : 0;
+    const float *zhm = p->zh_mode == Z_MASK ? AT(p, F_ZH, t, b) : 0;
+    float *cn = AT(p, F_C, t + 1, b), *hn = AT(p, F_H, t + 1, b);
+    float *fac = p->save ? AT(p, F_FAC, t, b) : 0, *aux = p->save ? AT(p, F_AUX, t, b) : 0;
+    float a[4][K], ones[K], zcs[K], zhs[K];
+    fill(ones, 1.0f);
+    fill(zcs, p->zc_mode == Z_SCALAR ? p->zc : 0.0f);
+    fill(zhs, p->zh_mode == Z_SCALAR ? p->zh : 0.0f);
+    for (int64_t k0 = 0; k0 < n; k0 += K) {
+        const int64_t m = MIN(K, n - k0);
+        for (int j = 0; j < 4; j++) {
+            float *aj = a[j];
+            const float *xj = x + j * n + k0;
+            LOOP aj[k] = xj[k];
+            if (p0) add_from(aj, p0, b * 4 * n + j * n + k0, 0, m, p->low);
+            if (p1) add_from(aj, p1, b * 4 * n + j * n + k0, r + j * n + k0, m, p->low);
+        }
+        float *gi = a[0], *gf = a[1], *gg = a[2], *go = a[3];
+        LOOP { gi[k] = sigm(gi[k]); gf[k] = sigm(gf[k]); gg[k] = tanhf(gg[k]); go[k] = sigm(go[k]); }
+        const float *dm = d ? d + k0 : ones, *zc = zcm ? zcm + k0 : zcs, *zh = zhm ? zhm + k0 : zhs;
+        const float *cp = c + k0, *hp = h + k0;
+        float *cnk = cn + k0, *hnk = hn + k0;
+        if (fac) {
+            float *fi = fac + k0, *ff = fac + n + k0, *fg = fac + 2 * n + k0, *fo = fac + 3 * n + k0;
+            float *bc = aux + k0, *ft = aux + n + k0;
+            LOOP {
+                const float u = gi[k] * gg[k] * dm[k], v = gf[k] * cp[k], cc = u + v, tc = tanhf(cc);
+                const float hh = go[k] * tc, keep = 1.0f - zh[k];
+                cnk[k] = lerp(cc, cp[k], zc[k]);
+                hnk[k] = lerp(hh, hp[k], zh[k]);
+                fi[k] = u - u * gi[k];                             /* σ'(i) g̃ */
+                ff[k] = v - v * gf[k];                             /* σ'(f) c_{t-1} */
+                fg[k] = (gi[k] - gi[k] * gg[k] * gg[k]) * dm[k];   /* σ(i) tanh'(g) d */
+                fo[k] = (hh - hh * go[k]) * keep;                  /* σ'(o) tanh(c̃) (1 - z^h) */
+                bc[k] = (go[k] - hh * tc) * keep;                  /* σ(o) tanh'(c̃) (1 - z^h) */
+                ft[k] = gf[k];
+            }
+        } else {
+            LOOP {
+                const float u = gi[k] * gg[k] * dm[k], v = gf[k] * cp[k], cc = u + v, hh = go[k] * tanhf(cc);
+                cnk[k] = lerp(cc, cp[k], zc[k]);
+                hnk[k] = lerp(hh, hp[k], zh[k]);
+            }
+        }
+    }
+}
+
+void lstm_forward_step(const Plan *p, int64_t t, int64_t steps, const void *p0, const void *p1) {
+    const int more = t + 1 < steps;
+    PAR
+    for (int64_t b = 0; b < p->batch; b++) {
+        fwd_row(p, t, b, p0, p1);
+        if (more) left_row(p, t + 1, b);
+    }
+}
+
+/* Backward, first half of step t: from dh_t, dc_t (DH, DC at parity (t+1)&1) turn the saved
+ * factors into the gate gradients in place, write dc_{t-1} (parity t&1), and the gate gradients
+ * signed by r (SIGNED, flipout) and copied to the matmul dtype (DGLOW), for the products. */
+static void bwd_gates_row(const Plan *p, int64_t t, int64_t b) {
+    const int64_t n = p->hid, m = n;
+    float *fac = AT(p, B_FAC, t, b);
+    const float *aux = AT(p, B_AUX, t, b), *ft = aux + n;
+    const float *dh = AT(p, B_DH, (t + 1) & 1, b), *dc = AT(p, B_DC, (t + 1) & 1, b);
+    float *dcp = AT(p, B_DC, t & 1, b), *fi = fac, *ff = fac + n, *fg = fac + 2 * n, *fo = fac + 3 * n;
+    if (p->zc_mode == Z_MASK) {
+        const float *zc = AT(p, B_ZC, t, b);
+        LOOP {
+            const float dcn = dh[k] * aux[k] + dc[k] * (1.0f - zc[k]);
+            fo[k] *= dh[k]; fi[k] *= dcn; ff[k] *= dcn; fg[k] *= dcn;
+            dcp[k] = dcn * ft[k] + dc[k] * zc[k];
+        }
+    } else {
+        const float zc = p->zc_mode == Z_SCALAR ? p->zc : 0.0f;
+        LOOP {
+            const float dcn = dh[k] * aux[k] + dc[k] * (1.0f - zc);
+            fo[k] *= dh[k]; fi[k] *= dcn; ff[k] *= dcn; fg[k] *= dcn;
+            dcp[k] = dcn * ft[k] + dc[k] * zc;
+        }
+    }
+    const int64_t g4 = 4 * n;
+    if (HAS(p, B_SIGNED)) {
+        const float *r = AT(p, B_R, t, b);
+        if (p->low) {
+            uint16_t *sg = (uint16_t *)p->s[B_SIGNED].base + b * p->s[B_SIGNED].row;
+            _Pragma("GCC ivdep") for (int64_t q = 0; q < g4; q++) sg[q] = f32_to_bf16(fac[q] * r[q]);
+        } else {
+            float *sg = (float *)p->s[B_SIGNED].base + b * p->s[B_SIGNED].row;
+            _Pragma("GCC ivdep") for (int64_t q = 0; q < g4; q++) sg[q] = fac[q] * r[q];
+        }
+    }
+    if (HAS(p, B_DGLOW)) to_low((uint16_t *)p->s[B_DGLOW].base + b * p->s[B_DGLOW].row, fac, g4);
+}
+
+void lstm_backward_gates(const Plan *p, int64_t t) {
+    PAR
+    for (int64_t b = 0; b < p->batch; b++) bwd_gates_row(p, t, b);
+}
+
+/* Backward, second half of step t: dh_{t-1} = dhall_t + m ∘ (p0 + p1 ∘ s) + dh_t ∘ z^h, with
+ * p0 = dgates W_hh and p1 = (dgates ∘ r) ΔŴ, into DH at parity t&1. */
+static void bwd_hidden_row(const Plan *p, int64_t t, int64_t b, const void *p0, const void *p1) {
+    const int64_t n = p->hid;
+    const float *base = AT(p, B_DHALL, t, b), *dh = AT(p, B_DH, (t + 1) & 1, b);
+    float *out = AT(p, B_DH, t & 1, b);
+    const float *mk = HAS(p, B_MASK) ? AT(p, B_MASK, t, b) : 0, *s = HAS(p, B_S) ? AT(p, B_S, t, b) : 0;
+    const float *zhm = p->zh_mode == Z_MASK ? AT(p, B_ZH, t, b) : 0;
+    float v[K], ones[K], zhs[K];
+    fill(ones, 1.0f);
+    fill(zhs, p->zh_mode == Z_SCALAR ? p->zh : 0.0f);
+    for (int64_t k0 = 0; k0 < n; k0 += K) {
+        const int64_t m = MIN(K, n - k0);
+        LOOP v[k] = 0.0f;
+        add_from(v, p0, b * n + k0, 0, m, p->low);
+        if (p1) add_from(v, p1, b * n + k0, s + k0, m, p->low);
+        const float *mm = mk ? mk + k0 : ones, *zh = zhm ? zhm + k0 : zhs, *bs = base + k0, *dhk = dh + k0;
+        float *o = out + k0;
+        LOOP o[k] = bs[k] + v[k] * mm[k] + dhk[k] * zh[k];
+    }
+}
+
+void lstm_backward_hidden(const Plan *p, int64_t t, const void *p0, const void *p1) {
+    PAR
+    for (int64_t b = 0; b < p->batch; b++) bwd_hidden_row(p, t, b, p0, p1);
+}
+
+int lstm_step_abi(void) { return (int)sizeof(Plan); }

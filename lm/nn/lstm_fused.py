@@ -1,0 +1,173 @@
+"""The window kernel's recurrence with each step's element-wise work fused into one C call.
+
+Same maths, arguments and saved buffers as the torch loops of :mod:`lm.nn.lstm_kernel`
+(``_window_forward`` and ``_LSTMWindow._backward``); only who does the element-wise work
+changes. Per step the torch loop issues about 20 small kernels forward and 10 backward (gate
+activations, masks, cell and hidden updates, zoneout, the saved derivative factors, the gate
+gradients), each a pass over ``(B, H)`` or ``(B, 4H)`` memory with its dispatch cost. Here:
+
+* forward, per step ``t``: the packed matmul(s) ``p0 = h̃ W_hhᵀ`` (and ``p1 = (h̃ ∘ s) ΔŴᵀ``),
+  then one call (``lstm_forward_step`` in ``csrc/lstm_step.c``) that forms the gates
+  ``x̂_t + p0 + p1 ∘ r``, updates ``c`` and ``h`` (cell mask, zoneout), writes the saved factors
+  and builds step ``t+1``'s left operands (``h̃ = h ∘ m``, ``h̃ ∘ s``, their bf16 copies);
+* backward, per step: one call turns the saved factors into the gate gradients and ``dc_{t-1}``
+  (plus ``dgates ∘ r`` and bf16 copies for the products), the packed product(s), and one call
+  forms ``dh_{t-1} = dh^{out}_{t-1} + m ∘ (p0 + p1 ∘ s) + dh_t ∘ z^h``.
+
+Where: CPU, float32 weights, the ``packed`` matmul backend (:mod:`lm.nn.lstm_matmul`) in float32
+or bfloat16, and the C library built (:mod:`lm.nn.cext`). Anything else -- CUDA, float64, fp16,
+no compiler, ``FUSED = False`` or ``FLIPOUT_LM_FUSED=0`` -- takes the torch loop, which gives the
+same numbers up to float rounding (tests/test_lstm_fused.py). The C code reads raw pointers, so
+every operand is checked to be a CPU float32 tensor with unit stride along its rows here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from ctypes import c_float, c_int32, c_int64, c_void_p
+
+import torch
+
+from lm.nn import cext
+from lm.nn.lstm_matmul import Packed, use_packed
+
+FUSED: bool | None = None
+"""None (default): the C step wherever it applies; False: always the torch loop."""
+
+F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_LOW1 = range(15)
+B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW = range(12)
+Z_NONE, Z_MASK, Z_SCALAR = 0, 1, 2
+
+
+class _Slot(ctypes.Structure):
+    _fields_ = [("base", c_void_p), ("row", c_int64), ("step", c_int64)]
+
+
+class _Plan(ctypes.Structure):
+    _fields_ = [("batch", c_int64), ("hid", c_int64), ("threads", c_int32), ("low", c_int32), ("save", c_int32),
+                ("zc_mode", c_int32), ("zh_mode", c_int32), ("pad", c_int32), ("zc", c_float), ("zh", c_float),
+                ("s", _Slot * 16)]
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded C kernels with their signatures set, or None (see :func:`lm.nn.cext.load`)."""
+    lib, status = cext.load("lstm_step")
+    if lib is None or getattr(lib, "_flipout_ready", False):
+        return lib
+    if lib.lstm_step_abi() != ctypes.sizeof(_Plan):  # a stale or foreign build: never read past the struct
+        cext._LOADED["lstm_step"] = None, cext.BuildStatus(False, "C struct layout mismatch")
+        return None
+    plan = ctypes.POINTER(_Plan)
+    lib.lstm_left.argtypes = [plan, c_int64]
+    lib.lstm_forward_step.argtypes = [plan, c_int64, c_int64, c_void_p, c_void_p]
+    lib.lstm_backward_gates.argtypes = [plan, c_int64]
+    lib.lstm_backward_hidden.argtypes = [plan, c_int64, c_void_p, c_void_p]
+    for f in (lib.lstm_left, lib.lstm_forward_step, lib.lstm_backward_gates, lib.lstm_backward_hidden):
+        f.restype = None
+    lib._flipout_ready = True
+    return lib
+
+
+def usable(w: torch.Tensor, low: torch.dtype | None) -> bool:
+    """Whether the fused step runs this window (weights ``w``, matmul dtype ``low`` or None)."""
+    return (FUSED is not False and w.device.type == "cpu" and w.dtype == torch.float32
+            and low in (None, torch.bfloat16) and use_packed(w, low) and library() is not None)
+
+
+class _Builder:
+    """Fills a plan's slots from tensors and keeps those tensors alive while the plan is used."""
+
+    def __init__(self, batch: int, hid: int, low: torch.dtype | None, save: bool, zc, zh) -> None:
+        self.plan, self.keep = _Plan(), []
+        p = self.plan
+        p.batch, p.hid, p.threads, p.low, p.save = batch, hid, torch.get_num_threads(), int(low is not None), int(save)
+        for name, z in (("zc", zc), ("zh", zh)):
+            mode = Z_NONE if z is None else Z_MASK if isinstance(z, torch.Tensor) else Z_SCALAR
+            setattr(p, f"{name}_mode", mode)
+            setattr(p, name, float(z) if mode == Z_SCALAR else 0.0)
+        self.ref = ctypes.byref(p)
+
+    def __call__(self, index: int, t: torch.Tensor | float | None, dtype: torch.dtype = torch.float32) -> None:
+        """Slot ``index`` := ``t``, a ``(B, X)`` tensor (the same every step) or ``(T, B, X)``."""
+        if not isinstance(t, torch.Tensor):
+            return
+        if t.dtype != dtype or t.device.type != "cpu" or t.stride(-1) != 1:
+            t = t.to("cpu", dtype).contiguous()
+        self.keep.append(t)
+        row, step = (t.stride(0), 0) if t.dim() == 2 else (t.stride(1), t.stride(0))
+        self.plan.s[index] = _Slot(t.data_ptr(), row, step)
+
+
+def _ptr(x: torch.Tensor | None):
+    return None if x is None else x.data_ptr()
+
+
+def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool):
+    """:func:`lm.nn.lstm_kernel._window_forward` on the fused step (same arguments and results)."""
+    lib = library()
+    steps, batch, h4 = xproj.shape
+    hid = h4 // 4
+    xproj = xproj.to(torch.float32).contiguous()
+    new = lambda *shape, dtype=torch.float32: xproj.new_empty(*shape, dtype=dtype)  # noqa: E731
+    hall, call = new(steps + 1, batch, hid), new(steps + 1, batch, hid)
+    hall[0], call[0] = h0, c0
+    fac = aux = left_all = None
+    if save:
+        fac, aux = new(steps, batch, h4), new(steps, batch, 2 * hid)
+    flip = delta is not None
+    if flip:
+        left_all = new(2, steps if save else 1, batch, hid)
+    elif mask is not None:
+        left_all = new(steps if save else 1, batch, hid)
+    left0 = None if left_all is None else left_all[0] if flip else left_all
+    left1 = left_all[1] if flip else None
+    slot = _Builder(batch, hid, low, save, zc, zh)
+    for index, t in ((F_X, xproj), (F_R, r), (F_C, call), (F_H, hall), (F_CELL, cell), (F_ZC, zc), (F_ZH, zh),
+                     (F_FAC, fac), (F_AUX, aux), (F_MASK, mask), (F_S, s)):
+        slot(index, t)
+    for index, t in ((F_LEFT0, left0), (F_LEFT1, left1)):  # one reused buffer when nothing is saved
+        slot(index, t if t is None or save else t[0])
+    lows = [new(batch, hid, dtype=low) if low else None for _ in range(2 if flip else 1)]
+    slot(F_LOW0, lows[0], low)
+    slot(F_LOW1, lows[-1] if flip else None, low)
+    cast = (lambda m: m) if low is None else (lambda m: m.to(low))  # noqa: E731
+    lin = [Packed(cast(m), batch) for m in ((w,) if delta is None else (w, delta))]
+    lib.lstm_left(slot.ref, 0)
+    for t in range(steps):
+        if low is not None:
+            a0, a1 = lows[0], lows[-1]
+        else:
+            a0 = hall[t] if left0 is None else left0[t if save else 0]
+            a1 = left1[t if save else 0] if flip else None
+        p0 = lin[0](a0)
+        p1 = lin[1](a1) if flip else None
+        lib.lstm_forward_step(slot.ref, t, steps, p0.data_ptr(), _ptr(p1))
+    return hall, call[steps].clone(), fac, aux, left_all if save else None, None
+
+
+def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low):
+    """The step loop of :meth:`lm.nn.lstm_kernel._LSTMWindow._backward` on the fused step: turns
+    ``fac`` into the gate gradients in place and returns ``(dh_0, dc_0)``."""
+    lib = library()
+    steps, batch, h4 = fac.shape
+    hid = h4 // 4
+    d_hall = d_hall.to(torch.float32).contiguous()
+    dh2, dc2 = fac.new_empty(2, batch, hid), fac.new_empty(2, batch, hid)
+    dh2[steps & 1], dc2[steps & 1] = d_hall[steps], d_c
+    flip = delta is not None
+    slot = _Builder(batch, hid, low, True, zc, zh)
+    for index, t in ((B_FAC, fac), (B_AUX, aux), (B_ZC, zc), (B_ZH, zh), (B_R, r), (B_S, s), (B_MASK, mask),
+                     (B_DHALL, d_hall), (B_DH, dh2), (B_DC, dc2)):
+        slot(index, t)
+    signed = fac.new_empty(batch, h4, dtype=low or torch.float32) if flip else None
+    dglow = fac.new_empty(batch, h4, dtype=low) if low is not None else None
+    slot(B_SIGNED, signed, low or torch.float32)
+    slot(B_DGLOW, dglow, low or torch.float32)
+    cast = (lambda m: m) if low is None else (lambda m: m.to(low))  # noqa: E731
+    lin = [Packed(cast(m).t(), batch) for m in ((w,) if delta is None else (w, delta))]
+    for t in range(steps - 1, -1, -1):
+        lib.lstm_backward_gates(slot.ref, t)
+        p0 = lin[0](fac[t] if dglow is None else dglow)
+        p1 = lin[1](signed) if flip else None
+        lib.lstm_backward_hidden(slot.ref, t, p0.data_ptr(), _ptr(p1))
+    return dh2[0], dc2[0]

@@ -1,0 +1,187 @@
+"""The fused C step of the window kernel (lm.nn.lstm_fused, lm/nn/csrc/lstm_step.c, lm.nn.cext).
+
+Every noise combination on both steps (fused and torch) is already run against the reference
+loop at a tiny size by tests/test_lstm_kernel.py (the 'packed' and 'packed-torch-step'
+backends) and, in bf16, by tests/test_precision.py. Here: a size where the C code splits rows
+across threads and each row into several chunks; NaN propagation; the fallback when the compiler
+is missing or switched off; the build cache across processes; and that nothing CPU-only is
+reachable from another device.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lm.nn import cext, lstm_fused, lstm_matmul
+from lm.nn.lstm import reference_loop
+from lm.nn.lstm_kernel import lstm_window
+from lm.nn.noise import WindowDraws
+from tests import test_lstm_kernel as tk
+
+ROOT = Path(__file__).resolve().parents[1]
+needs_fused = pytest.mark.skipif(lstm_fused.library() is None or not lstm_matmul.onednn_linear_available(),
+                                 reason=f"fused step unavailable: {cext.status('lstm_step').describe()}")
+# T steps, B rows (two threads), H = 300: a row is a 256-element chunk and a 44-element tail
+T, B, H = 5, 40, 300
+
+
+def _case(hidden, flip, cell, zone, dtype, seed=0):
+    """tests/test_lstm_kernel.make_case at the size above, weights at LSTM initialisation scale
+    (U(-1/√H, 1/√H)-like), where the recurrence is contractive and float32 errors stay ~1e-7."""
+    sizes = (tk.T, tk.B, tk.H)
+    tk.T, tk.B, tk.H = T, B, H
+    try:
+        inputs, draws = tk.make_case(hidden, flip, cell, zone, dtype=dtype, seed=seed)
+    finally:
+        tk.T, tk.B, tk.H = sizes
+    with torch.no_grad():
+        for x in inputs[3:]:
+            x.mul_(H ** -0.5)
+    return inputs, draws
+
+
+def _to32(inputs, draws):
+    leaves = [x.detach().float().requires_grad_() for x in inputs]
+    f = lambda z: z.float() if isinstance(z, torch.Tensor) else z  # noqa: E731
+    flip = None
+    if draws.flip is not None:
+        flip = type(draws.flip)(leaves[4], draws.flip.sign_in.float(), draws.flip.sign_out.float())
+    return leaves, WindowDraws(f(draws.hidden_mask), flip, f(draws.cell_mask), f(draws.zoneout_c), f(draws.zoneout_h))
+
+
+def _run(fn, inputs, draws):
+    """tests/test_lstm_kernel.run with the random linear function drawn in float64 for every dtype."""
+    out, (h, c) = fn(inputs[0], (inputs[1], inputs[2]), inputs[3], draws)
+    gen = torch.Generator().manual_seed(1)
+    loss = sum((t.double() * torch.randn(t.shape, dtype=torch.float64, generator=gen)).sum() for t in (out, h, c))
+    grads = torch.autograd.grad(loss, inputs, allow_unused=True)
+    return [out, h, c, *[torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]]
+
+
+CASES = list(itertools.product([False, True], ["none", "per_window", "per_step"], [False, True],
+                                ["off", "masks", "expectation"]))
+
+
+@needs_fused
+@pytest.mark.parametrize("hidden,flip,cell,zone", CASES,
+                         ids=[f"mask={m}-flip={f}-cell={c}-zoneout={z}" for m, f, c, z in CASES])
+def test_fused_step_is_as_accurate_as_the_torch_step(monkeypatch, hidden, flip, cell, zone):
+    """Against the float64 reference loop, the fused float32 window errs no more than the torch-op
+    float32 window does (both ~1e-7 relative at this scale), for outputs, state and every gradient.
+    A wrong index, chunk boundary or thread split is an O(1) error."""
+    torch.set_num_threads(2)
+    inputs, draws = _case(hidden, flip, cell, zone, torch.float64)
+    ref = _run(reference_loop, inputs, draws)
+    errors = {}
+    for mode in (None, False):
+        monkeypatch.setattr(lstm_fused, "FUSED", mode)
+        got = _run(lstm_window, *_to32(inputs, draws))
+        errors[mode] = [((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item() for a, b in zip(got, ref)]
+    for name, fused, torch_step in zip(tk.NAMES, errors[None], errors[False]):
+        assert fused <= max(4 * torch_step, 1e-6), f"{name}: fused {fused:.2e} vs torch step {torch_step:.2e}"
+
+
+@needs_fused
+def test_fused_step_runs_where_it_applies(monkeypatch):
+    """On a CPU with the library built, float32 and bf16 windows take the fused step; fp16, float64
+    and FUSED = False do not."""
+    calls, forward = [], lstm_fused.window_forward
+    monkeypatch.setattr(lstm_fused, "window_forward", lambda *a: calls.append(a) or forward(*a))
+    w = torch.randn(8, 2)
+    assert lstm_fused.usable(w, None) and lstm_fused.usable(w, torch.bfloat16) == lstm_matmul.onednn_linear_available(torch.bfloat16)
+    assert not lstm_fused.usable(w, torch.float16) and not lstm_fused.usable(w.double(), None)
+    inputs, draws = _case(True, "per_window", True, "masks", torch.float32)
+    lstm_window(inputs[0], (inputs[1], inputs[2]), inputs[3], draws)
+    assert len(calls) == 1
+    monkeypatch.setattr(lstm_fused, "FUSED", False)
+    assert not lstm_fused.usable(w, None)
+
+
+@needs_fused
+def test_nan_propagates_through_the_fused_step():
+    """A NaN in the gate inputs must reach the outputs and gradients (no -ffast-math: the trainer's
+    non-finite guard relies on it), and infinite pre-activations saturate instead of making NaN."""
+    inputs, draws = _case(False, "per_window", False, "off", torch.float32)
+    with torch.no_grad():
+        inputs[0][2, 0, 0] = float("nan")
+        inputs[0][1, 1, :H] = float("inf")   # input gate of example 1 at step 1
+        inputs[0][1, 2, :H] = -float("inf")
+    out, grads = _run(lstm_window, inputs, draws)[0], _run(lstm_window, inputs, draws)[3:]
+    assert out[2:, 0].isnan().any() and not out[:2, 0].isnan().any()
+    assert not out[:, 1:].isnan().any(), "±inf pre-activations must saturate the gates, not give NaN"
+    assert grads[0].isnan().any()
+
+
+def _fresh_python(code: str, env: dict) -> str:
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip()
+
+
+@needs_fused
+def test_build_is_cached_across_processes(tmp_path):
+    """The first process builds (and reports how long it took); a second one loads the cached build."""
+    env = {**os.environ, "FLIPOUT_LM_CACHE": str(tmp_path), "PYTHONPATH": str(ROOT)}
+    code = "from lm.nn import cext; s = cext.status('lstm_step'); print(s.ok, s.seconds > 0, s.describe())"
+    first = _fresh_python(code, env)
+    assert first.startswith("True True") and "built in" in first
+    second = _fresh_python(code, env)
+    assert second.startswith("True False") and "cached build" in second
+    assert len(list(tmp_path.glob("lstm_step-*.so"))) == 1 and not list(tmp_path.glob("*.tmp*"))
+
+
+def test_without_a_compiler_the_kernel_falls_back(monkeypatch):
+    """No compiler (or FLIPOUT_LM_FUSED=0): the status says why, and the window runs the torch step
+    with the same results as the fused one (to float rounding)."""
+    inputs, draws = _case(True, "per_step", True, "masks", torch.float32)
+    fused = _run(lstm_window, inputs, draws)
+    for patch in ("compiler", "env"):
+        monkeypatch.setattr(cext, "_LOADED", {})
+        if patch == "compiler":
+            monkeypatch.setattr(cext, "_compiler", lambda: None)
+        else:
+            monkeypatch.setenv("FLIPOUT_LM_FUSED", "0")
+        status = cext.status("lstm_step")
+        assert not status.ok and ("no C compiler" in status.reason or "FLIPOUT_LM_FUSED=0" in status.reason)
+        assert lstm_fused.library() is None and not lstm_fused.usable(inputs[3], None)
+        fallback = _run(lstm_window, inputs, draws)
+        for name, a, b in zip(tk.NAMES, fallback, fused):  # normwise: float32 sums of T·B terms differ in order
+            err = ((a - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
+            assert err <= 1e-5, f"{name}: {err:.2e}"
+        monkeypatch.undo()
+    monkeypatch.setattr(cext, "_LOADED", {})
+
+
+def test_a_failed_build_falls_back(monkeypatch, tmp_path):
+    """A compiler that fails leaves a reason, no half-written library, and the torch step."""
+    monkeypatch.setattr(cext, "_LOADED", {})
+    monkeypatch.setenv("FLIPOUT_LM_CACHE", str(tmp_path))
+    monkeypatch.setattr(cext, "_compiler", lambda: "false")  # /bin/false: exits 1
+    status = cext.status("lstm_step")
+    assert not status.ok and "failed" in status.reason
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.setattr(cext, "_LOADED", {})
+
+
+@pytest.mark.parametrize("flip,zone", [("per_window", "masks"), ("none", "expectation")])
+def test_no_cpu_only_code_is_reachable_from_another_device(monkeypatch, flip, zone):
+    """On the meta device (shapes only, as on CUDA: not 'cpu') the window runs forward and backward
+    without touching the C library or oneDNN's CPU ops: CUDA takes the same torch step."""
+    monkeypatch.setattr(lstm_fused, "library", lambda: pytest.fail("C library reached off the CPU"))
+    monkeypatch.setattr(lstm_matmul, "Packed", lambda *a: pytest.fail("oneDNN packed op reached off the CPU"))
+    inputs, draws = tk.make_case(True, flip, True, zone, dtype=torch.float32)
+    meta = [x.detach().to("meta").requires_grad_() for x in inputs]
+    to = lambda z: z.to("meta") if isinstance(z, torch.Tensor) else z  # noqa: E731
+    flip_meta = None if draws.flip is None else type(draws.flip)(meta[4], to(draws.flip.sign_in), to(draws.flip.sign_out))
+    draws = WindowDraws(to(draws.hidden_mask), flip_meta, to(draws.cell_mask), to(draws.zoneout_c), to(draws.zoneout_h))
+    out, (h, c) = lstm_window(meta[0], (meta[1], meta[2]), meta[3], draws)
+    assert out.device.type == "meta" and out.shape == (tk.T, tk.B, tk.H)
+    grads = torch.autograd.grad((out.sum() + h.sum() + c.sum()), meta[:4])
+    assert all(g.device.type == "meta" and g.shape == x.shape for g, x in zip(grads, meta))
