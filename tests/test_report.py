@@ -48,6 +48,8 @@ def test_startup_summary_comes_before_data_loading(ptb_dir, tmp_path, capsys, mo
     params = json.loads((run / "results.json").read_text())["params"]
     assert "train 3,000 | valid" in after and "vocabulary 10,000" in after
     assert f"{params:,} parameters" in after
+    # how the recurrence steps run, with the fused step's one-time build cost (or why it is off)
+    assert "  steps       C kernel (" in after or "  steps       off (" in after
 
 
 def test_startup_line_is_flushed_to_a_pipe(ptb_dir, tmp_path):

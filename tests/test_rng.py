@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import torch
 
+from lm.nn import fastrand
+
 from lm.config import RegularizerConfig
 from lm.nn.lstm import LSTMLayer
 from lm.nn.rng import shared_generator, shared_noise
@@ -75,7 +77,9 @@ def test_no_context_means_default_stream():
     torch.manual_seed(9)
     a = reg.base_perturbation(w)
     torch.manual_seed(9)
-    assert torch.equal(a, torch.randn(4, 3))  # exactly randn_like's draw, as before keyed streams
+    assert torch.equal(a, fastrand.normal((4, 3), w))  # exactly a draw from the default stream
+    torch.manual_seed(10)
+    assert not torch.equal(a, reg.base_perturbation(w))
 
 
 def test_epoch_lengths_keyed_and_cover_the_epoch():

@@ -17,11 +17,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from lm.nn.fastrand import two_valued
+
 
 def sample_signs(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform ±1 entries of ``shape`` with ``like``'s dtype and device."""
-    signs = torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(0.5, generator=generator)
-    return signs.mul_(2).sub_(1)
+    return two_valued(shape, like, 0.5, 1.0, -1.0, generator)
 
 
 @dataclass

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from lm.nn.fastrand import two_valued
 from lm.nn.flipout import Flip
 
 State = tuple[torch.Tensor, torch.Tensor]
@@ -73,9 +74,8 @@ def _step_masks(p: float, like: torch.Tensor, steps: int, scale: bool) -> torch.
     """``steps`` Bernoulli(1-p) masks shaped like ``like`` (``(B, H)``), drawn in one call: ``(T, B, H)``."""
     if p == 0:
         return None
-    # rand < 1-p is Bernoulli(1-p); it is twice as fast as bernoulli_ on CPU
-    keep = torch.rand((steps, *like.shape), dtype=like.dtype, device=like.device).lt_(1 - p)
-    return keep.div_(1 - p) if scale else keep
+    # u < 1-p is Bernoulli(1-p); on a CPU drawn by Philox, 8x faster than torch.rand (lm.nn.fastrand)
+    return two_valued((steps, *like.shape), like, 1 - p, 1 / (1 - p) if scale else 1.0, 0.0)
 
 
 def draw_window(noise: RecurrentNoise, like: torch.Tensor, steps: int) -> WindowDraws:

@@ -11,7 +11,8 @@ Two kinds of noise, two kinds of stream (docs/workflow.md, "Multi-GPU and multi-
   but the seed, the step and the layer: it is the same in every process of a data-parallel run
   and in a single-process run, and it needs no state in a checkpoint. The generator lives on the
   weight's device (a CUDA generator for CUDA weights), so the draws agree between processes on
-  the same kind of device; CPU and CUDA generators give different numbers.
+  the same kind of device; CPU and CUDA generators give different numbers. On a CPU, float32
+  draws take one number from the generator and expand it with Philox (:mod:`lm.nn.fastrand`).
 * **per example** (flipout signs, dropout, variational, zoneout and cell masks): torch's default
   generator of the device, which every process seeds for itself (lm.train.distributed).
 
@@ -28,6 +29,8 @@ from dataclasses import dataclass
 from typing import Iterator
 
 import torch
+
+from lm.nn import fastrand
 
 
 def key_seed(*parts: object) -> int:
@@ -80,10 +83,11 @@ def shared_generator(device: torch.device | str) -> torch.Generator | None:
 
 
 def rand_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``torch.rand_like(x)`` from ``generator`` (the default stream when None: the same draw as rand_like)."""
-    return torch.rand(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    """Uniform [0, 1) like ``x``, seeded from ``generator`` (the default stream when None); on a CPU
+    in float32 by Philox (:mod:`lm.nn.fastrand`), elsewhere ``torch.rand``."""
+    return fastrand.uniform(x.shape, x, generator)
 
 
 def randn_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """``torch.randn_like(x)`` from ``generator`` (the default stream when None)."""
-    return torch.randn(x.shape, dtype=x.dtype, device=x.device, generator=generator)
+    """Standard normal like ``x``, seeded from ``generator`` (the default stream when None)."""
+    return fastrand.normal(x.shape, x, generator)

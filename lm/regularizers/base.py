@@ -23,11 +23,11 @@ import dataclasses
 from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from lm.config import RegularizerConfig
 from lm.errors import UserError
+from lm.nn.fastrand import two_valued
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
 from lm.nn.rng import shared_generator
@@ -83,8 +83,8 @@ class Regularizer(nn.Module):
         """Dropout on ``(T, B, F)``: one mask ``(1, B, F)`` per window if ``locked``, else per element."""
         if not self.training or p == 0:
             return x
-        if not self.locked:
-            return F.dropout(x, p, training=True)
+        if not self.locked:  # F.dropout's scaled mask; on a CPU drawn by Philox (lm.nn.fastrand)
+            return x * two_valued(x.shape, x, p, 0.0, 1 / (1 - p))
         mask = torch.empty((1, *x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
         return x * (mask / (1 - p))
 

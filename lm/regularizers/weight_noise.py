@@ -32,7 +32,8 @@ from lm.errors import UserError
 from lm.nn.flipout import Flip
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
-from lm.nn.rng import rand_like, randn_like, shared_generator
+from lm.nn.fastrand import two_valued
+from lm.nn.rng import randn_like, shared_generator
 from lm.regularizers.base import Regularizer
 
 
@@ -82,8 +83,8 @@ class WeightDrop(WeightNoise):
         p = self.cfg.weight_p
         if p == 0:
             return None
-        # W ∘ (M/(1-p) - 1), M ~ Bernoulli(1-p) as rand >= p: F.dropout's mask, drawn 2x faster on CPU
-        return weight * rand_like(weight, shared_generator(weight.device)).ge_(p).div_(1 - p).sub_(1)
+        # W ∘ (M/(1-p) - 1), M ~ Bernoulli(1-p): -1 where dropped (u < p), else 1/(1-p) - 1
+        return weight * two_valued(weight.shape, weight, p, -1.0, 1 / (1 - p) - 1, shared_generator(weight.device))
 
 
 class WDFlipout(WeightDrop):
@@ -107,9 +108,7 @@ class WDFlipout(WeightDrop):
         if self.cfg.weight_p == 0:
             return None
         # W ∘ (2M - 1) with M ~ Bernoulli(0.5): entries ±W, independent and symmetric about zero.
-        # rand < 0.5: Bernoulli(0.5), faster on CPU than bernoulli_
-        signs = rand_like(weight, shared_generator(weight.device)).lt_(0.5).mul_(2).sub_(1)
-        return weight * signs
+        return weight * two_valued(weight.shape, weight, 0.5, 1.0, -1.0, shared_generator(weight.device))
 
 
 class Gauss(WeightNoise):

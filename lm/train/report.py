@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from lm.config import Config
 from lm.data.ptb import data_root
+from lm.nn import cext
 
 _REGULARIZER_KEYS = ("weight_p", "sigma", "perturb_ih", "resample_per_step", "hidden_p", "cell_p", "zoneout_c",
                      "zoneout_h", "embed_p", "input_p", "between_p", "output_p")
@@ -102,6 +103,14 @@ def data_line(corpus, steps_per_epoch: int) -> str:
 
 def model_line(params: int) -> str:
     return f"  model       {params:,} parameters ({params * 4 / 1e6:.1f} MB of fp32 weights)"
+
+
+def kernel_line(device: str) -> str:
+    """How the window kernel's recurrence steps run: the fused C step on a CPU (built now, once,
+    or loaded from the cache; its one-time build cost is printed), else torch ops."""
+    if not device.startswith("cpu"):
+        return "  steps       torch ops (the fused C step is CPU-only)"
+    return f"  steps       {cext.status('lstm_step').describe()}"
 
 
 # -- the progress bar ---------------------------------------------------------------------

@@ -85,6 +85,7 @@ class Trainer:
         self.net = self.dist.wrap(self.model, self.device)  # the model, or DDP around it
         say(report.data_line(self.corpus, num_windows(self.train_data, cfg.train.bptt)))
         say(report.model_line(count_parameters(self.model)))
+        say(report.kernel_line(str(self.device)))
         self.opt = Optimization(cfg, self.model)
         self.act_reg = ActivationRegularizer(cfg.regularizer.ar, cfg.regularizer.tar)  # AR/TAR (Merity 2017)
         self.epoch = self.step = self.pos = self.bad_validations = 0
