@@ -16,9 +16,12 @@ size, for each backend of :mod:`lm.nn.lstm_matmul` (``bmm``; ``packed`` where on
 per-step matmuls exactly as the window kernel issues them (``GateMatmul`` forward,
 ``HiddenGrad`` backward, T of each, weight reorders included) plus the input projection and the
 window-wide weight-gradient matmuls, with no other work, against ``nn.LSTM``'s forward +
-backward of the same layer (oneDNN on CPU). The ratio ``nn.LSTM / matmuls only`` is the best training ratio a window kernel built on these matmuls can
-reach: element-wise work, mask draws and Python only lower it. Timings are interleaved
-(R, plain, R, flipout, R, ...) and the median of the per-round ratios is printed.
+backward of the same layer (oneDNN on CPU). The ratio ``nn.LSTM / matmuls only`` is the best
+training ratio a window kernel built on these matmuls can reach: element-wise work, mask draws
+and Python only lower it. Timings are interleaved (R, plain, R, flipout, R, ..., the order
+rotating per round) and the median of the per-round ratios is printed. The code is
+:mod:`bench._floor`, which ``bench/throughput.py`` also uses for its ``matmul_floor`` column
+(there for whole models, with the decoder's matmuls added on both sides).
 
     python bench/flipout_gemm.py --threads 2
     python bench/flipout_gemm.py --threads 1 --sizes 500 1000 --batch 32
@@ -37,6 +40,7 @@ from typing import Callable, Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench import _floor  # noqa: E402
 from lm.nn import lstm_matmul  # noqa: E402
 
 
@@ -48,12 +52,6 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2] * 1e3
-
-
-def once_ms(fn: Callable[[], object]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return (time.perf_counter() - t0) * 1e3
 
 
 def last_level_cache() -> str:
@@ -100,39 +98,8 @@ def table(args: argparse.Namespace) -> None:
         print(f"{hid:>6} {mib:>9.1f} {single:>8.3f} {flip:>12.3f} {single / flip:>6.2f}")
 
 
-def window_matmuls(hid: int, inp: int, batch: int, steps: int, flip: bool, packed: bool) -> Callable[[], None]:
-    """One window's matmuls as the layer issues them, nothing else (inputs are random): the input
-    projection and its two gradients (one matmul each over the window), the kernel's per-step
-    products with their setup (the oneDNN weight reorders of the ``packed`` backend included), and
-    the window-wide ``dW_hh`` (and ``dΔŴ``)."""
-    w = torch.randn(4 * hid, hid) / hid ** 0.5
-    delta = torch.randn_like(w) if flip else None
-    w_ih, x = torch.randn(4 * hid, inp), torch.randn(steps * batch, inp)
-    xt, r = torch.randn(batch, 4 * hid), torch.ones(batch, 4 * hid)
-    left = torch.randn(2, batch, hid) if flip else torch.randn(batch, hid)
-    s, base, dgt, out = torch.ones(batch, hid), torch.zeros(batch, hid), torch.randn(batch, 4 * hid), torch.empty(batch, hid)
-    d_gates, h_all = torch.randn(steps * batch, 4 * hid), torch.randn(steps * batch, hid)
-
-    def run() -> None:
-        before = lstm_matmul.PACKED
-        lstm_matmul.PACKED = None if packed else False
-        try:
-            x.mm(w_ih.t())
-            gates = lstm_matmul.GateMatmul(w, delta, batch)
-            for _ in range(steps):
-                gates(xt, left, r)
-            grad_h = lstm_matmul.HiddenGrad(w, delta, None, batch)
-            for _ in range(steps):
-                grad_h(base, dgt, r, s, out)
-            for _ in range(2 if flip else 1):  # dW_hh, and dΔŴ
-                d_gates.t().mm(h_all)
-            d_gates.mm(w_ih), d_gates.t().mm(x)  # d input, dW_ih
-        finally:
-            lstm_matmul.PACKED = before
-    return run
-
-
 def window_table(args: argparse.Namespace) -> None:
+    """One row per size and backend: the medians of the timings (ms) and of the rounds' floors."""
     backends = ["bmm"] + (["packed"] if lstm_matmul.onednn_linear_available() else [])
     print(f"threads {torch.get_num_threads()}, batch {args.batch}, window {args.steps}, "
           f"last-level cache {last_level_cache()}, {args.repeats} rounds")
@@ -140,32 +107,18 @@ def window_table(args: argparse.Namespace) -> None:
           f"{'flipout floor':>14}")
     for hid in args.sizes:
         torch.manual_seed(0)
-        lstm = torch.nn.LSTM(args.input, hid)
-        x = torch.randn(args.steps, args.batch, args.input)
-
-        def reference() -> None:
-            out, _ = lstm(x)
-            out.sum().backward()
-        runs = {(kind, b): window_matmuls(hid, args.input, args.batch, args.steps, kind == "flipout", b == "packed")
+        reference = _floor.lstm_reference(args.input, hid, 1, args.batch, args.steps)
+        runs = {f"{kind} {b}": _floor.window_matmuls(hid, args.input, args.batch, args.steps, kind == "flipout",
+                                                    packed=b == "packed")
                 for b in backends for kind in ("plain", "flipout")}
-        ref_times: list[float] = []
-        times: dict[tuple, list[float]] = {k: [] for k in runs}
-        ratios: dict[tuple, list[float]] = {k: [] for k in runs}
         for fn in (reference, *runs.values()):  # warm-up
             fn()
-        for _ in range(args.repeats):
-            before = once_ms(reference)
-            for key, fn in runs.items():
-                t = once_ms(fn)
-                after = once_ms(reference)
-                times[key].append(t)
-                ref_times += [before, after]
-                ratios[key].append((before + after) / 2 / t)
-                before = after
-        med = lambda v: statistics.median(v)  # noqa: E731
+        t = _floor.interleave(reference, runs, args.repeats)
+        ms = lambda key: statistics.median(t.own[key]) * 1e3  # noqa: E731
+        floor = lambda key: statistics.median(t.ratios(key))  # noqa: E731
         for b in backends:
-            print(f"{hid:>6} {b:>8} {med(ref_times):>11.1f} {med(times['plain', b]):>9.1f} "
-                  f"{med(times['flipout', b]):>11.1f} {med(ratios['plain', b]):>12.2f} {med(ratios['flipout', b]):>14.2f}")
+            print(f"{hid:>6} {b:>8} {statistics.median(t.ref_all) * 1e3:>11.1f} {ms(f'plain {b}'):>9.1f} "
+                  f"{ms(f'flipout {b}'):>11.1f} {floor(f'plain {b}'):>12.2f} {floor(f'flipout {b}'):>14.2f}")
 
 
 if __name__ == "__main__":

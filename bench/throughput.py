@@ -19,14 +19,32 @@ What is measured (random tokens; speed does not depend on the data):
   state and the batch): activations saved for backward, gradients and temporaries. On CUDA it is
   ``torch.cuda.max_memory_allocated() - memory_allocated()`` at the step's start; on CPU it is the
   same quantity rebuilt from the allocation events of ``torch.profiler`` (``profile_memory=True``;
-  the running sum of allocated minus freed bytes, maximised over the step). Process RSS is not
-  used: it never goes down and includes the allocator's caches.
+  the running sum of allocated minus freed bytes, maximised over the step; :mod:`bench._profiler`).
+  Process RSS is not used: it never goes down and includes the allocator's caches.
+* matmul floor (``matmul_floor``): the training ratio to ``nn.LSTM`` that the window kernel's
+  matmuls alone would give, measured in the same run (:mod:`bench._floor`, the same matmuls as
+  ``bench/flipout_gemm.py --window``, issued as the layer issues them in this precision and on
+  the backend it picks): every matmul of a training step, i.e. ``(L + D) / (M + D)`` with ``L``
+  ``nn.LSTM``'s forward + backward of the model's layers, ``M`` the window kernel's matmuls of
+  those layers (input projection and its gradients, per-step products with their weight
+  reorders, ``dW_hh``; with flipout the ``ΔŴ`` products and ``dΔŴ``) and ``D`` the decoder's three
+  matmuls, common to both models. ``layer_floor`` is ``L / M``, the recurrent layers alone, the
+  definition of ``flipout_gemm --window`` (the two agree where the decoder is small: char).
+  Regularizers on the flipout window kernel (wd_flipout, gauss_flipout) get the flipout floor,
+  the other window regularizers (variational, semeniuta, zoneout) the plain one; models on
+  nn.LSTM's own kernel ('fused') get 1 by definition, not a measurement of nn.LSTM against
+  itself. The table's "of floor" is the measured ratio over the floor. The floor leaves out the
+  rest of the step (loss, clipping, optimizer, embedding lookup), which costs the same on both
+  sides and pulls the measured ratio towards 1, so where the floor is below 1 the ratio can
+  pass it slightly ("of floor" above 1), most likely at word size.
 
 Robust ratios on a noisy machine: after warm-up, every round times each regularizer between two
 timings of the reference (R, A, R, B, R, ...; the order of the regularizers rotates from round to
 round); a regularizer's ratio in a round is the mean of its two neighbouring reference times
 divided by its own time, and the reported ratio is the median over rounds. Tokens/s are medians
-of the individual timings.
+of the individual timings. The floors are timed the same way after the evaluation rounds: R, plain
+matmuls, R, flipout matmuls, R, decoder matmuls, R (R: ``nn.LSTM``'s layers), one floor per size,
+precision and kind, shared by the regularizers of that kind; ``--no-floor`` skips them.
 
 Regularizer rates (:func:`regularizers`): the paper's -- variational ``hidden_p`` 0.25, semeniuta
 ``cell_p`` 0.25, zoneout 0.5/0.05 (char) and 0.25/0.025 (word), DropConnect 0.5, Gaussian σ = 1;
@@ -40,7 +58,11 @@ mem_ratio_vs_nn_lstm, threads, rounds, train_ratios`` (every round's training ra
 ``loadavg`` (the machine's 1/5/15-minute load averages after the timings, this run's own threads
 included: on a shared machine
 other processes' load slows nn.LSTM more than the window kernel, so compare runs at similar load)
-and ``precision`` (fp32, bf16 or fp16).
+and ``precision`` (fp32, bf16 or fp16); ``floor_kind`` ('nn.LSTM', 'fused', 'plain', 'flipout'),
+``matmul_floor`` and ``layer_floor`` (1.0 for 'nn.LSTM' and 'fused'; null with ``--no-floor``),
+``floor_rounds`` (every round's model floor; empty unless measured) and ``floor_ms`` (medians of
+``L``, ``M`` and ``D`` in ms, keys ``nn_lstm_layers``, ``window_matmuls``, ``decoder_matmuls``; null
+unless measured).
 
 Mixed precision (``--precision bf16``, or a list such as ``fp32,bf16``): every model, ``nn.LSTM``
 included, runs its forward pass under the same autocast policy (:mod:`lm.nn.precision`; fp16
@@ -60,15 +82,12 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import platform
 import statistics
 import sys
-import tempfile
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
@@ -76,11 +95,14 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._floor import interleave, model_floors  # noqa: E402
+from bench._profiler import peak_step_memory  # noqa: E402
 from lm.config import ModelConfig, RegularizerConfig  # noqa: E402
 from lm.nn.model import LanguageModel, detach_state  # noqa: E402
-from lm.nn.precision import PRECISIONS, Precision  # noqa: E402
+from lm.nn.precision import LOW_DTYPES, PRECISIONS, Precision  # noqa: E402
 
 REFERENCE = "nn_lstm"
 
@@ -190,8 +212,9 @@ class Runner:
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.size.clip:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.size.clip)
+            with record_function("clip_grad_norm"):  # a label for bench/profile_step.py (one op call a step)
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.size.clip)
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.state = self._detach(state)
@@ -202,66 +225,6 @@ class Runner:
         with self.precision.autocast():
             _, state = self.model(self.x, self.state)
         self.state = self._detach(state)
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed(fn: Callable[[], None], device: torch.device) -> float:
-    _sync(device)
-    start = time.perf_counter()
-    fn()
-    _sync(device)
-    return time.perf_counter() - start
-
-
-@contextlib.contextmanager
-def _profiler_quiet():
-    """The profiler's C++ side prints start/stop lines on file descriptor 2; drop those, keep the rest."""
-    try:
-        sys.stderr.flush()
-        saved = os.dup(2)
-    except OSError:  # no real stderr (e.g. captured): nothing to filter
-        yield
-        return
-    with tempfile.TemporaryFile(mode="w+b") as tmp:
-        os.dup2(tmp.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            tmp.seek(0)
-            noise = (b"USDT:", b"STAGE:", b"Memory block of unknown size")
-            for line in tmp.read().splitlines():
-                if not any(n in line for n in noise):
-                    sys.stderr.write(line.decode(errors="replace") + "\n")
-
-
-def peak_step_memory(fn: Callable[[], None], device: torch.device) -> float:
-    """Peak tensor memory (MiB) allocated during ``fn`` above the level at its start (see the module doc)."""
-    if device.type == "cuda":
-        _sync(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device)
-        fn()
-        _sync(device)
-        return (torch.cuda.max_memory_allocated(device) - base) / 2**20
-    from torch.profiler import ProfilerActivity, profile
-    try:
-        with _profiler_quiet(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-            fn()
-        events = [e for e in prof.profiler.kineto_results.events()
-                  if e.name() == "[memory]" and str(e.device_type()).endswith("CPU")]
-    except (AttributeError, RuntimeError):  # private profiler API moved: report no number
-        return math.nan
-    level = peak = 0
-    for e in sorted(events, key=lambda e: e.start_ns()):
-        level += e.nbytes()
-        peak = max(peak, level)
-    return peak / 2**20
 
 
 def build_runners(size: Size, names: Sequence[str], device: torch.device,
@@ -285,33 +248,39 @@ def kernel_of(runner: Runner) -> str:
     return "fused" if model.regularizer.layer_noise(layer, runner.size.batch, runner.size.bptt).fused else "window"
 
 
+def floor_kind(runner: Runner) -> str:
+    """Which matmul floor bounds a model's training ratio: 'flipout' or 'plain' (the window kernel
+    with or without ``ΔŴ`` products), or its :func:`kernel_of` ('nn.LSTM', 'fused'), whose floor
+    is 1 by definition (the layers run nn.LSTM's own kernel)."""
+    kernel = kernel_of(runner)
+    if kernel != "window":
+        return kernel
+    model = runner.model
+    noise = model.regularizer.layer_noise(model.layers[0], runner.size.batch, runner.size.bptt)
+    return "flipout" if noise.flip_hh is not None else "plain"
+
+
+def floors(size: Size, kinds: Sequence[str], rounds: int, device: torch.device, precision: str) -> dict[str, dict]:
+    """The matmul floors of ``size``'s model for the window kinds in ``kinds`` (bench/_floor.py)."""
+    m = size.model
+    return model_floors(size.vocab if m.input == "onehot" else m.emb_size, m.hidden_size, m.num_layers, size.vocab,
+                        size.batch, size.bptt, onehot=m.input == "onehot", kinds=tuple(kinds), rounds=rounds,
+                        dtype=LOW_DTYPES.get(precision), device=device)
+
+
 def interleaved(runners: dict[str, Runner], step: str, rounds: int, device: torch.device) -> dict[str, dict]:
     """Time ``step`` ('train_step' or 'eval_step') in rounds R, A, R, B, ..., R (see the module doc)."""
     names = [n for n in runners if n != REFERENCE]
-    ref = getattr(runners[REFERENCE], step)
-    times: dict[str, list[float]] = {n: [] for n in runners}
-    ratios: dict[str, list[float]] = {n: [] for n in names}
-    for r in range(rounds):
-        k = r % max(1, len(names))
-        order = names[k:] + names[:k]
-        before = timed(ref, device)
-        times[REFERENCE].append(before)
-        for name in order:
-            t = timed(getattr(runners[name], step), device)
-            after = timed(ref, device)
-            times[name].append(t)
-            times[REFERENCE].append(after)
-            ratios[name].append((before + after) / 2 / t)
-            before = after
-    out = {REFERENCE: {"time": statistics.median(times[REFERENCE]), "ratio": 1.0, "ratios": [1.0]}}
+    t = interleave(getattr(runners[REFERENCE], step), {n: getattr(runners[n], step) for n in names}, rounds, device)
+    out = {REFERENCE: {"time": statistics.median(t.ref_all), "ratio": 1.0, "ratios": [1.0]}}
     for name in names:
-        out[name] = {"time": statistics.median(times[name]), "ratio": statistics.median(ratios[name]),
-                     "ratios": ratios[name]}
+        out[name] = {"time": statistics.median(t.own[name]), "ratio": statistics.median(t.ratios(name)),
+                     "ratios": t.ratios(name)}
     return out
 
 
 def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int, warmup: int,
-            log: Callable[[str], None], precision: str = "fp32") -> list[dict]:
+            log: Callable[[str], None], precision: str = "fp32", floor: bool = True) -> list[dict]:
     runners = build_runners(size, names, device, Precision(precision, device))
     log(f"[{size.name}, {precision}] warm-up ({warmup} train + eval steps per model)")
     for runner in runners.values():
@@ -322,6 +291,12 @@ def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int,
     train = interleaved(runners, "train_step", rounds, device)
     log(f"[{size.name}] timing evaluation ({rounds} rounds)")
     evals = interleaved(runners, "eval_step", rounds, device)
+    kinds = {name: floor_kind(runner) for name, runner in runners.items()}
+    window = sorted({k for k in kinds.values() if k in ("plain", "flipout")})
+    measured = {}
+    if floor and window:
+        log(f"[{size.name}] matmul floors: {', '.join(window)} ({rounds} rounds)")
+        measured = floors(size, window, rounds, device, precision)
     log(f"[{size.name}] peak memory")
     load = list(os.getloadavg())  # 1, 5, 15-minute load averages after the timings
     records = []
@@ -334,6 +309,7 @@ def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int,
             "peak_mem_mb": peak_step_memory(runner.train_step, device),
             "threads": torch.get_num_threads(), "rounds": rounds,
             "train_ratios": train[name]["ratios"], "loadavg": load, "precision": precision,
+            "floor_kind": kinds[name], **floor_fields(kinds[name], measured, floor),
         })
     ref_mem = records[0]["peak_mem_mb"]
     for rec in records:
@@ -341,16 +317,28 @@ def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int,
     return records
 
 
+def floor_fields(kind: str, measured: dict[str, dict], floor: bool) -> dict:
+    """A record's floor keys: measured for the window kinds, 1 by definition for nn.LSTM's kernel."""
+    if not floor:
+        return {"matmul_floor": None, "layer_floor": None, "floor_rounds": [], "floor_ms": None}
+    if kind in measured:
+        return measured[kind]
+    return {"matmul_floor": 1.0, "layer_floor": 1.0, "floor_rounds": [], "floor_ms": None}
+
+
 def format_table(records: list[dict]) -> str:
-    """Markdown table; 'train ratio' is the median over rounds with the rounds' range in brackets."""
-    head = ("| size | precision | regularizer | kernel | train tok/s | train ratio (range) | eval tok/s | eval ratio "
-            "| peak MiB | mem ratio |")
-    lines = [head, "|" + "---|" * 10]
+    """Markdown table; 'train ratio' is the median over rounds with the rounds' range in brackets,
+    'floor' the model's matmul floor and 'of floor' the train ratio over it ('-' without floors)."""
+    head = ("| size | precision | regularizer | kernel | train tok/s | train ratio (range) | floor | of floor "
+            "| eval tok/s | eval ratio | peak MiB | mem ratio |")
+    lines = [head, "|" + "---|" * 12]
     for r in records:
         lo, hi = min(r["train_ratios"]), max(r["train_ratios"])
+        fl = r.get("matmul_floor")
+        floor = f"{fl:.2f} | {r['ratio_vs_nn_lstm'] / fl:.2f}" if fl else "- | -"
         lines.append(f"| {r['size']} | {r.get('precision', 'fp32')} | {r['name']} | {r['kernel']} "
                      f"| {r['train_tokens_per_s']:,.0f} "
-                     f"| {r['ratio_vs_nn_lstm']:.2f} ({lo:.2f}-{hi:.2f}) | {r['eval_tokens_per_s']:,.0f} "
+                     f"| {r['ratio_vs_nn_lstm']:.2f} ({lo:.2f}-{hi:.2f}) | {floor} | {r['eval_tokens_per_s']:,.0f} "
                      f"| {r['eval_ratio_vs_nn_lstm']:.2f} | {r['peak_mem_mb']:.1f} | {r['mem_ratio_vs_nn_lstm']:.2f} |")
     return "\n".join(lines)
 
@@ -386,6 +374,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--precision", default="fp32", help="comma-separated list of: fp32, bf16, fp16 (default fp32); "
                    "each is timed in turn, every model under the same policy")
     p.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
+    p.add_argument("--no-floor", dest="floor", action="store_false", help="skip the matmul floors (bench/_floor.py)")
     args = p.parse_args(argv)
     args.precisions = [x for x in args.precision.split(",") if x]
     bad = [x for x in args.precisions if x not in PRECISIONS]
@@ -430,7 +419,7 @@ def _run(args: argparse.Namespace) -> int:
     records = []
     for precision in args.precisions:
         for size in args.size_list:
-            records += measure(table[size], args.names, device, rounds, warmup, log, precision)
+            records += measure(table[size], args.names, device, rounds, warmup, log, precision, args.floor)
     print(format_table(records))
     speedups = precision_table(records)
     if speedups:

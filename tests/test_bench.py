@@ -1,14 +1,22 @@
-"""bench/throughput.py runs end to end on tiny sizes and writes the documented JSON records."""
+"""bench/throughput.py, bench/flipout_gemm.py and bench/profile_step.py run end to end on tiny sizes
+and write the documented records; the matmul floor (bench/_floor.py) issues the model's own matmuls."""
 
 from __future__ import annotations
 
+import collections
 import importlib.util
 import json
 import math
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
+import torch.nn.functional as F
+from torch.profiler import ProfilerActivity, profile
+
+from bench import _floor
 
 ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"name", "size", "device", "train_tokens_per_s", "eval_tokens_per_s", "ratio_vs_nn_lstm", "peak_mem_mb"}
@@ -42,6 +50,35 @@ def test_tiny_run_writes_json(throughput, tmp_path, capsys):
     assert kernels["none"] == "fused" and kernels["variational"] == "window"
     table = capsys.readouterr().out
     assert "| char | fp32 | wd_flipout | window |" in table
+    assert "| train ratio (range) | floor | of floor |" in table.splitlines()[0]
+    kinds = {"nn_lstm": "nn.LSTM", "none": "fused", "variational": "plain", "zoneout": "plain", "wd_flipout": "flipout"}
+    for r in records:
+        assert r["floor_kind"] == kinds[r["name"]], r
+        for key in ("matmul_floor", "layer_floor"):
+            assert math.isfinite(r[key]) and r[key] > 0, r
+        if r["floor_kind"] in ("nn.LSTM", "fused"):  # nn.LSTM's own kernel: 1 by definition, not measured
+            assert r["matmul_floor"] == r["layer_floor"] == 1.0 and r["floor_ms"] is None
+        else:
+            assert set(r["floor_ms"]) == {"nn_lstm_layers", "window_matmuls", "decoder_matmuls"}
+            assert all(v > 0 for v in r["floor_ms"].values()) and len(r["floor_rounds"]) == r["rounds"]
+        lo, hi = min(r["train_ratios"]), max(r["train_ratios"])
+        row = (f"| {r['size']} | fp32 | {r['name']} | {r['kernel']} | {r['train_tokens_per_s']:,.0f} | "
+               f"{r['ratio_vs_nn_lstm']:.2f} ({lo:.2f}-{hi:.2f}) | {r['matmul_floor']:.2f} | "
+               f"{r['ratio_vs_nn_lstm'] / r['matmul_floor']:.2f} |")
+        assert row in table, row
+    by = {(r["size"], r["name"]): r for r in records}
+    for size in ("char", "word"):  # one floor per size and kind, shared by the regularizers of that kind
+        assert by[size, "variational"]["matmul_floor"] == by[size, "zoneout"]["matmul_floor"]
+        assert by[size, "variational"]["floor_ms"] != by[size, "wd_flipout"]["floor_ms"]
+
+
+def test_no_floor_leaves_the_columns_empty(throughput, tmp_path, capsys):
+    out = tmp_path / "n.json"
+    assert throughput.main(["--tiny", "--threads", "1", "--rounds", "1", "--sizes", "char", "--only", "variational",
+                            "--no-floor", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["matmul_floor"] for r in records] == [None, None]
+    assert "| window | " in capsys.readouterr().out and all(r["floor_ms"] is None for r in records)
 
 
 def test_precisions_compared_in_one_run(throughput, tmp_path, capsys):
@@ -55,6 +92,8 @@ def test_precisions_compared_in_one_run(throughput, tmp_path, capsys):
         (p, n) for p in ("fp32", "bf16") for n in ("nn_lstm", "none", "wd_flipout"))
     text = capsys.readouterr().out
     assert "| char | bf16 | wd_flipout | window |" in text
+    flip = {r["precision"]: r for r in records if r["name"] == "wd_flipout"}
+    assert all(r["floor_kind"] == "flipout" and r["matmul_floor"] > 0 for r in flip.values())
     assert "low precision against fp32" in text and "| char | bf16 | nn_lstm |" in text
 
 
@@ -93,3 +132,96 @@ def test_flipout_gemm_window_floor_prints_both_ratios(flipout_gemm, capsys):
     backends = ["bmm"] + (["packed"] if module.lstm_matmul.onednn_linear_available() else [])
     assert [r[1] for r in rows] == backends and all(int(r[0]) == 8 for r in rows)
     assert all(float(v) > 0 for r in rows for v in r[5:7])  # the two floors: nn.LSTM time over matmul-only time
+
+
+def test_flipout_gemm_uses_the_shared_floor(flipout_gemm, throughput):
+    """One implementation of the window's matmuls: bench/_floor.py, imported by both scripts."""
+    assert flipout_gemm._floor is _floor and not hasattr(flipout_gemm, "window_matmuls")
+    assert throughput.model_floors is _floor.model_floors and throughput.interleave is _floor.interleave
+
+
+MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "mkldnn::_reorder_linear_weight"}
+
+
+def _matmuls(fn) -> collections.Counter:
+    """The matmuls (and weight reorders) ``fn`` runs: op, operand shapes and dtypes, with counts."""
+    fn()  # first calls probe backends (lm.nn.lstm_matmul.onednn_linear_available): not part of a step
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        fn()
+    return collections.Counter((e.name, str(e.input_shapes), str(e.input_dtypes)) for e in prof.events()
+                               if e.name in MATMUL_OPS)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("reg", ["variational", "wd_flipout"])
+@pytest.mark.parametrize("size", ["char", "word"])
+def test_floor_issues_the_models_own_matmuls(throughput, size, reg, precision):
+    """The floor's matmuls (every layer's window matmuls plus the decoder's) are exactly those of a
+    training forward + backward of the model: same ops, shapes, dtypes and counts."""
+    sz = throughput.TINY[size]
+    runner = throughput.build_runners(sz, [reg], torch.device("cpu"), throughput.Precision(precision, "cpu"))[reg]
+    model, m = runner.model.train(), sz.model
+
+    def step():
+        with runner.precision.autocast():
+            logits, _ = model(runner.x, runner.state)
+        F.cross_entropy(logits.float().flatten(0, 1), runner.y.flatten()).backward()
+    dtype = throughput.LOW_DTYPES.get(precision)
+    onehot = m.input == "onehot"
+    stack = _floor.window_stack(sz.vocab if onehot else m.emb_size, m.hidden_size, m.num_layers, sz.batch, sz.bptt,
+                                reg == "wd_flipout", onehot=onehot, dtype=dtype)
+    decoder = _floor.decoder_matmuls(m.hidden_size, sz.vocab, sz.batch, sz.bptt, dtype=dtype)
+    floor = _matmuls(lambda: (stack(), decoder()))
+    assert floor and floor == _matmuls(step)
+
+
+@pytest.fixture(scope="module")
+def profile_step():
+    spec = importlib.util.spec_from_file_location("bench_profile_step", ROOT / "bench" / "profile_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("reg", ["wd_flipout", "nn_lstm"])
+def test_profile_step_categories_sum_to_the_step(profile_step, reg, tmp_path, capsys):
+    out = tmp_path / "p.json"
+    assert profile_step.main(["--tiny", "--reg", reg, "--threads", "1", "--steps", "2", "--warmup", "1",
+                              "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    cats = {c["name"]: c for c in rec["categories"]}
+    assert list(cats) == list(profile_step.CATEGORIES)
+    assert math.isclose(sum(c["ms"] for c in cats.values()), rec["step_ms"], rel_tol=1e-9)
+    assert math.isclose(sum(c["share"] for c in cats.values()), 1.0, rel_tol=1e-9)
+    assert cats["unattributed"]["ms"] > -0.01 * rec["step_ms"]  # self times never exceed the wall time
+    steps = profile_step.TINY["char"].bptt
+    if reg == "nn_lstm":
+        assert cats["fused LSTM kernel"]["calls"] > 0 and cats["per-step matmuls"]["calls"] == 0
+    else:  # one or two products per step forward and backward, whatever the backend
+        calls = cats["per-step matmuls"]["calls"]
+        assert calls >= 2 * steps and calls % steps == 0 and cats["fused LSTM kernel"]["calls"] == 0
+        assert cats["window-wide matmuls"]["calls"] > 0 and cats["noise draws"]["calls"] > 0
+    text = capsys.readouterr().out
+    rows = [line.split("|")[1:-1] for line in text.splitlines() if line.startswith("| ")]
+    table = {r[0].strip(): float(r[1]) for r in rows if r[0].strip() in cats or r[0].strip() == "total (wall)"}
+    assert abs(sum(v for k, v in table.items() if k != "total (wall)") - table["total (wall)"]) <= 0.005 * len(cats)
+
+
+def test_profile_step_categories(profile_step):
+    """Synthetic events: matmuls split by their left operand's rows, regions by their ancestors."""
+    def ev(name, shapes=(), parent=None):
+        return SimpleNamespace(name=name, input_shapes=list(shapes), cpu_parent=parent)
+    cat = profile_step.category
+    assert cat(ev("aten::addmm", [[96], [4, 24], [24, 96]]), batch=4) == "per-step matmuls"
+    assert cat(ev("aten::addmm", [[96], [48, 20], [20, 96]]), batch=4) == "window-wide matmuls"
+    assert cat(ev("aten::bmm", [[2, 4, 24], [2, 24, 96]]), batch=4) == "per-step matmuls"
+    assert cat(ev("aten::linear", [[12, 4, 24], [96, 24], [96]]), batch=4) == "window-wide matmuls"
+    assert cat(ev("mkldnn::_linear_pointwise", [[4, 24], [96, 24], [], [], [], []]), batch=4) == "per-step matmuls"
+    assert cat(ev("mkldnn::_reorder_linear_weight", [[96, 24], []]), batch=4) == "weight reorders"
+    assert cat(ev("aten::uniform_", parent=ev("aten::rand")), batch=4) == "noise draws"
+    assert cat(ev("aten::mul_", parent=ev("aten::_foreach_mul_", parent=ev("clip_grad_norm"))),
+               batch=4) == "optimizer, clipping, zero_grad"
+    assert cat(ev("aten::addcmul_"), batch=4) == cat(ev("mylib::lstm_fused_step"), batch=4) == "element-wise"
+    assert cat(ev("_LSTMWindowBackward"), batch=4) == "autograd Functions' self"
+    assert cat(ev("aten::mkldnn_rnn_layer_backward"), batch=4) == "fused LSTM kernel"
+    assert cat(ev("aten::select"), batch=4) == "rest"

@@ -1,0 +1,224 @@
+"""Interleaved timing, and the *matmul floor* of the window kernel (:mod:`lm.nn.lstm_kernel`).
+
+One implementation for ``bench/flipout_gemm.py --window`` (one layer, each backend) and
+``bench/throughput.py`` (:func:`model_floors`: the paper's models, the backend the kernel picks).
+
+The matmul floor answers: what ratio to ``nn.LSTM`` would a window kernel reach if it did nothing
+but its matmuls? :func:`window_matmuls` issues one layer's matmuls of one training window as the
+layer issues them, on random operands:
+
+* the input projection ``F.linear(x, W_ih, b)`` ``(T·B, in) -> (T·B, 4H)`` and its gradients
+  ``dW_ih`` and (when the layer's input needs a gradient: not for one-hot characters) ``dx``;
+* T forward products of :class:`~lm.nn.lstm_matmul.GateMatmul` and T backward products of
+  :class:`~lm.nn.lstm_matmul.HiddenGrad` ``(B, H) x (H, 4H)``, their per-window setup included
+  (the oneDNN weight reorders of the ``packed`` backend, the ``[W_hh, ΔŴ]`` stack of ``bmm``),
+  with the ``ΔŴ`` products of flipout;
+* the window-wide ``dW_hh`` ``(4H, T·B) x (T·B, H)``, and ``dΔŴ`` with flipout.
+
+No element-wise work of the recurrence, no mask draws, no Python bookkeeping: the products'
+own ``add``/``addcmul`` into the gate buffer stay, since the layer issues them that way.
+:func:`lstm_reference` is ``nn.LSTM``'s forward + backward of the same layers (oneDNN on CPU,
+cuDNN on CUDA), which does all of a layer's work, element-wise included. The *layer floor* is
+``nn.LSTM time / matmul time``; :func:`model_floors` also times the decoder's three matmuls
+(forward, ``dh``, ``dW``), which both models run alike, and adds them to both sides: the
+*model floor* ``(nn.LSTM + decoder) / (matmuls + decoder)`` counts every matmul of a training
+step (an embedding is a lookup, a one-hot input is part of the first layer's projection).
+
+Precision (``dtype`` bf16 or fp16): the matmuls run as the kernel runs them under autocast: the
+input projection, its gradients and the decoder under ``torch.autocast`` (as autograd runs
+``F.linear``), the per-step products with ``dtype`` and the weight gradients through
+:func:`lm.nn.lstm_matmul.low_mm` with autocast off; ``nn.LSTM``'s forward runs under autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Callable, Mapping
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lm.nn import lstm_matmul
+
+Fn = Callable[[], object]
+
+
+def sync(device: torch.device | str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Fn, device: torch.device | str = "cpu") -> float:
+    """Seconds one call of ``fn`` takes (queued GPU work is waited for on both sides)."""
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - start
+
+
+@dataclass
+class Rounds:
+    """Per-round seconds of :func:`interleave`: ``own[name][r]`` the run's time in round ``r``,
+    ``ref[name][r]`` the mean of the two reference timings around it, ``ref_all`` every
+    reference timing."""
+
+    own: dict[str, list[float]]
+    ref: dict[str, list[float]]
+    ref_all: list[float]
+
+    def ratios(self, name: str) -> list[float]:
+        """Reference time over the run's time, per round (above 1: the run is faster)."""
+        return [r / t for r, t in zip(self.ref[name], self.own[name])]
+
+
+def interleave(reference: Fn, runs: Mapping[str, Fn], rounds: int, device: torch.device | str = "cpu") -> Rounds:
+    """Time ``runs`` between timings of ``reference``: R, A, R, B, ..., R per round, the order of
+    the runs rotating from round to round, so that slow drifts of a shared machine hit every run
+    and its reference alike."""
+    names = list(runs)
+    out = Rounds({n: [] for n in names}, {n: [] for n in names}, [])
+    for r in range(rounds):
+        k = r % max(1, len(names))
+        before = timed(reference, device)
+        out.ref_all.append(before)
+        for name in names[k:] + names[:k]:
+            t = timed(runs[name], device)
+            after = timed(reference, device)
+            out.own[name].append(t)
+            out.ref[name].append((before + after) / 2)
+            out.ref_all.append(after)
+            before = after
+    return out
+
+
+def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _low(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+def window_matmuls(hid: int, inp: int, batch: int, steps: int, flip: bool, *, packed: bool | None = None,
+                   dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                   input_grad: bool = True) -> Fn:
+    """One layer's matmuls of one training window (see the module doc), as a function to time.
+
+    ``packed``: force the ``packed`` (True) or ``bmm`` (False) backend of :mod:`lm.nn.lstm_matmul`;
+    None keeps the kernel's own choice. ``dtype``: the low precision of the matmuls, or None."""
+    dev = torch.device(device)
+    new = lambda *shape: torch.randn(*shape, device=dev)  # noqa: E731
+    w = new(4 * hid, hid) / hid ** 0.5
+    delta = torch.randn_like(w) if flip else None
+    w_ih, bias, x = new(4 * hid, inp), new(4 * hid), new(steps * batch, inp)
+    xt, r, dgt = new(batch, 4 * hid), torch.ones(batch, 4 * hid, device=dev), new(batch, 4 * hid)
+    left = new(2, batch, hid) if flip else new(batch, hid)  # [h̃, h̃ ∘ s] with flipout, else h̃
+    s, base, out = torch.ones(batch, hid, device=dev), torch.zeros(batch, hid, device=dev), new(batch, hid)
+    d_gates, h_all = new(steps * batch, 4 * hid), new(steps * batch, hid)
+    w_ih_saved, x_saved = _low(w_ih, dtype), _low(x, dtype)  # what autograd saves of the autocast forward
+
+    def run() -> None:
+        before = lstm_matmul.PACKED
+        if packed is not None:
+            lstm_matmul.PACKED = None if packed else False
+        try:
+            with _autocast(dev, dtype):
+                F.linear(x, w_ih, bias)
+            with torch.autocast(dev.type, enabled=False):  # the kernel casts explicitly
+                gates = lstm_matmul.GateMatmul(w, delta, batch, dtype)
+                for _ in range(steps):
+                    gates(xt, left, r)
+                grad_h = lstm_matmul.HiddenGrad(w, delta, None, batch, gates.stacked, dtype)
+                for _ in range(steps):
+                    grad_h(base, dgt, r, s, out)
+                for _ in range(2 if flip else 1):  # dW_hh, and dΔŴ
+                    lstm_matmul.low_mm(d_gates.t(), h_all, dtype)
+            grad = _low(d_gates, dtype)  # the projection's backward gets its gradient in its own dtype
+            if input_grad:
+                grad.mm(w_ih_saved)
+            grad.t().mm(x_saved)  # dW_ih
+        finally:
+            lstm_matmul.PACKED = before
+    return run
+
+
+def window_stack(inp: int, hid: int, layers: int, batch: int, steps: int, flip: bool, *, onehot: bool,
+                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> Fn:
+    """:func:`window_matmuls` of ``layers`` stacked layers (the first on ``inp`` inputs, which
+    need no gradient when ``onehot``), one after the other, as a language model runs them."""
+    fns = [window_matmuls(hid, inp if i == 0 else hid, batch, steps, flip, dtype=dtype, device=device,
+                          input_grad=not (i == 0 and onehot)) for i in range(layers)]
+    return lambda: [f() for f in fns]
+
+
+def lstm_reference(inp: int, hid: int, layers: int, batch: int, steps: int, *, dtype: torch.dtype | None = None,
+                   device: torch.device | str = "cpu", input_grad: bool = False) -> Fn:
+    """``nn.LSTM(inp, hid, layers)``'s forward (under autocast with ``dtype``) + backward of one
+    window, gradients set to None first as a training step's ``zero_grad`` does."""
+    dev = torch.device(device)
+    lstm = nn.LSTM(inp, hid, layers).to(dev)
+    x = torch.randn(steps, batch, inp, device=dev, requires_grad=input_grad)
+
+    def run() -> None:
+        lstm.zero_grad(set_to_none=True)
+        x.grad = None
+        with _autocast(dev, dtype):
+            out, _ = lstm(x)
+        out.float().sum().backward()
+    return run
+
+
+def decoder_matmuls(hid: int, vocab: int, batch: int, steps: int, *, dtype: torch.dtype | None = None,
+                    device: torch.device | str = "cpu") -> Fn:
+    """The decoder's matmuls of one window: logits ``(T·B, H) -> (T·B, V)``, ``dh`` and ``dW``
+    (under autocast: the logits' float32 gradient cast once, the products in ``dtype``)."""
+    dev = torch.device(device)
+    w, b, h, d = (torch.randn(*s, device=dev) for s in ((vocab, hid), (vocab,), (steps * batch, hid),
+                                                       (steps * batch, vocab)))
+    w_saved, h_saved = _low(w, dtype), _low(h, dtype)
+
+    def run() -> None:
+        with _autocast(dev, dtype):
+            F.linear(h, w, b)
+        grad = _low(d, dtype)
+        grad.mm(w_saved)
+        grad.t().mm(h_saved)
+    return run
+
+
+def model_floors(inp: int, hid: int, layers: int, vocab: int, batch: int, steps: int, *, onehot: bool,
+                 kinds: tuple[str, ...] = ("plain", "flipout"), rounds: int = 3,
+                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> dict[str, dict]:
+    """The floors of a language model: ``layers`` LSTM layers of ``hid`` units on ``inp`` inputs,
+    a ``hid -> vocab`` decoder, windows of ``steps x batch``; ``onehot``: the first layer's input
+    needs no gradient. For each kind ('plain': the window kernel without flipout; 'flipout')::
+
+        {"matmul_floor": median over rounds of (L + D) / (M + D),
+         "layer_floor":  median over rounds of L / M,
+         "floor_rounds": the per-round model floors, "floor_ms": medians of L, M and D}
+
+    with ``L`` ``nn.LSTM``'s forward + backward of the layers, ``M`` the window kernel's
+    matmuls of the layers, ``D`` the decoder's matmuls, timed in interleaved rounds (one
+    warm-up call each first)."""
+    reference = lstm_reference(inp, hid, layers, batch, steps, dtype=dtype, device=device, input_grad=not onehot)
+    runs = {kind: window_stack(inp, hid, layers, batch, steps, kind == "flipout", onehot=onehot, dtype=dtype,
+                               device=device) for kind in kinds}
+    runs["decoder"] = decoder_matmuls(hid, vocab, batch, steps, dtype=dtype, device=device)
+    for fn in (reference, *runs.values()):
+        fn()
+    t = interleave(reference, runs, rounds, device)
+    dec = t.own["decoder"]
+    out = {}
+    for kind in kinds:
+        model = [(r + d) / (m + d) for r, m, d in zip(t.ref[kind], t.own[kind], dec)]
+        out[kind] = {"matmul_floor": statistics.median(model), "layer_floor": statistics.median(t.ratios(kind)),
+                     "floor_rounds": model,
+                     "floor_ms": {"nn_lstm_layers": statistics.median(t.ref[kind]) * 1e3,
+                                  "window_matmuls": statistics.median(t.own[kind]) * 1e3,
+                                  "decoder_matmuls": statistics.median(dec) * 1e3}}
+    return out
