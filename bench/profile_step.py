@@ -65,6 +65,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._floor import timed  # noqa: E402
 from bench._profiler import profiler_quiet  # noqa: E402
 from bench.throughput import REFERENCE, SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
+from lm.nn import fastrand, lstm_fused  # noqa: E402
 from lm.nn.precision import PRECISIONS, Precision  # noqa: E402
 
 CATEGORIES = ("per-step matmuls", "window-wide matmuls", "fused LSTM kernel", "element-wise", "weight reorders",
@@ -184,6 +185,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--top", type=int, default=15, help="ops listed after the categories (default 15; 0: none)")
     p.add_argument("--tiny", action="store_true", help="bench/throughput.py's tiny sizes: seconds (tests)")
     p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
+    p.add_argument("--torch-step", action="store_true",
+                   help="the step as before issue 19: torch ops for the recurrence's element-wise work "
+                        "(lm.nn.lstm_fused.FUSED = False) and torch's generator for the noise (lm.nn.fastrand.FAST = False)")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
@@ -199,10 +203,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
+    fused, fast = lstm_fused.FUSED, fastrand.FAST
+    if args.torch_step:
+        lstm_fused.FUSED = fastrand.FAST = False
     try:
         rec = profile_step(args)
     finally:
         torch.set_num_threads(threads)  # main() may be called in-process (tests)
+        lstm_fused.FUSED, fastrand.FAST = fused, fast
     print(format_report(rec, args.top))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -225,7 +233,7 @@ def profile_step(args: argparse.Namespace) -> dict:
         wall = sum(timed(runner.train_step, device) for _ in range(args.steps))
     rec = {"size": size.name, "reg": args.reg, "kernel": kernel_of(runner), "precision": args.precision,
            "device": str(device), "threads": torch.get_num_threads(), "tiny": args.tiny, "steps": args.steps,
-           "warmup": args.warmup, "unprofiled_step_ms": statistics.median(unprofiled) * 1e3, "torch": torch.__version__}
+           "warmup": args.warmup, "torch_step": args.torch_step, "unprofiled_step_ms": statistics.median(unprofiled) * 1e3, "torch": torch.__version__}
     rec.update(breakdown(prof.events(), wall, args.steps, size.batch, cuda))
     return rec
 

@@ -225,3 +225,31 @@ def test_profile_step_categories(profile_step):
     assert cat(ev("_LSTMWindowBackward"), batch=4) == "autograd Functions' self"
     assert cat(ev("aten::mkldnn_rnn_layer_backward"), batch=4) == "fused LSTM kernel"
     assert cat(ev("aten::select"), batch=4) == "rest"
+
+
+def test_profile_step_torch_step_restores_the_defaults(profile_step, tmp_path):
+    """--torch-step profiles the step as before the fused C step and the Philox draws, and leaves
+    both switched back on afterwards."""
+    from lm.nn import fastrand, lstm_fused
+    out = tmp_path / "p.json"
+    assert profile_step.main(["--tiny", "--reg", "zoneout", "--threads", "1", "--steps", "1", "--warmup", "1",
+                              "--torch-step", "--json", str(out)]) == 0
+    assert json.loads(out.read_text())["torch_step"] is True
+    assert lstm_fused.FUSED is None and fastrand.FAST is None
+
+
+def test_fused_step_bench_runs(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_fused_step", ROOT / "bench" / "fused_step.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    out = tmp_path / "f.json"
+    assert module.main(["--tiny", "--sizes", "char", "--only", "zoneout,gauss", "--threads", "1",
+                        "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["name"] for r in records] == ["zoneout", "gauss"]
+    for r in records:
+        assert set(r["ms"]) == set(module.MODES) and all(v > 0 for v in r["ms"].values())
+        assert r["speedup"]["torch"] == 1.0
+    assert "| char | fp32 | zoneout | window |" in capsys.readouterr().out
+    from lm.nn import fastrand, lstm_fused
+    assert lstm_fused.FUSED is None and fastrand.FAST is None

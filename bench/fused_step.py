@@ -1,0 +1,111 @@
+#!/usr/bin/env python
+"""Is the fused C step faster? Training steps with and without it, interleaved in one process.
+
+For each size and regularizer, one model of ``bench/throughput.py`` (its ``Runner``: forward,
+loss, backward, clipping, optimizer step) is timed in three configurations, in rotating order
+within each round so that slow phases of the machine hit all three alike:
+
+* ``torch``: the recurrence's element-wise work in torch ops and the noise from torch's
+  generator (``lm.nn.lstm_fused.FUSED = False``, ``lm.nn.fastrand.FAST = False``): before issue 19;
+* ``fused step``: the C step of :mod:`lm.nn.lstm_fused`, noise still from torch's generator;
+* ``fused + philox``: the C step and the Philox draws of :mod:`lm.nn.fastrand` (the default).
+
+Printed: median milliseconds per step of each, and the speed-ups over ``torch`` (median over
+rounds of the per-round ratio). The same model, optimizer and batch serve all three, so the
+weights evolve across the timings; speed does not depend on them.
+
+    python bench/fused_step.py --threads 2 --json runs/fused_step.json
+    python bench/fused_step.py --sizes char --only zoneout,gauss_flipout --precision bf16
+    python bench/fused_step.py --tiny        # seconds (tests)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench._floor import timed  # noqa: E402
+from bench.throughput import SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
+from lm.nn import fastrand, lstm_fused  # noqa: E402
+from lm.nn.precision import Precision  # noqa: E402
+
+MODES = {"torch": (False, False), "fused step": (None, False), "fused + philox": (None, None)}
+DEFAULT = "variational,semeniuta,zoneout,wd_flipout,gauss_flipout,dropout,weight_drop,gauss"
+
+
+def measure(size, name: str, precision: str, rounds: int, warmup: int, device: torch.device) -> dict:
+    runner = build_runners(size, [name], device, Precision(precision, device))[name]
+    times: dict[str, list[float]] = {m: [] for m in MODES}
+    ratios: dict[str, list[float]] = {m: [] for m in MODES}
+    order = list(MODES)
+    try:
+        for mode in order * max(warmup, 1):
+            lstm_fused.FUSED, fastrand.FAST = MODES[mode]
+            runner.train_step()
+        for r in range(rounds):
+            this = {}
+            for mode in order[r % 3:] + order[:r % 3]:
+                lstm_fused.FUSED, fastrand.FAST = MODES[mode]
+                this[mode] = timed(runner.train_step, device)
+                times[mode].append(this[mode])
+            for mode in MODES:
+                ratios[mode].append(this["torch"] / this[mode])
+    finally:
+        lstm_fused.FUSED = fastrand.FAST = None
+    return {"size": size.name, "name": name, "kernel": kernel_of(runner), "precision": precision,
+            "threads": torch.get_num_threads(), "rounds": rounds,
+            "ms": {m: statistics.median(v) * 1e3 for m, v in times.items()},
+            "speedup": {m: statistics.median(v) for m, v in ratios.items()},
+            "speedup_range": {m: [min(v), max(v)] for m, v in ratios.items()}}
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--sizes", default="char,word")
+    p.add_argument("--only", default=DEFAULT, help=f"regularizers (default: {DEFAULT})")
+    p.add_argument("--precision", default="fp32", help="comma-separated: fp32, bf16")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--tiny", action="store_true", help="tiny models, 2 rounds (tests)")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    names = [n for n in args.only.split(",") if n]
+    unknown = set(names) - set(regularizers("char"))
+    if unknown:
+        p.error(f"unknown regularizer(s) {sorted(unknown)}; choose from {', '.join(regularizers('char'))}")
+    before = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    sizes, rounds = (TINY, 2) if args.tiny else (SIZES, args.rounds)
+    records = []
+    try:
+        print(f"| size | precision | regularizer | kernel | {' | '.join(f'{m} ms' for m in MODES)} | "
+              f"fused step speed-up | fused + philox speed-up |")
+        print("|---|---|---|---|---|---|---|---|---|")
+        for size in args.sizes.split(","):
+            for precision in args.precision.split(","):
+                for name in names:
+                    rec = measure(sizes[size], name, precision, rounds, args.warmup, torch.device("cpu"))
+                    records.append(rec)
+                    ms, sp = rec["ms"], rec["speedup"]
+                    print(f"| {size} | {precision} | {name} | {rec['kernel']} | "
+                          + " | ".join(f"{ms[m]:.1f}" for m in MODES)
+                          + f" | {sp['fused step']:.2f} | {sp['fused + philox']:.2f} |", flush=True)
+    finally:
+        torch.set_num_threads(before)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
