@@ -185,3 +185,14 @@ def test_no_cpu_only_code_is_reachable_from_another_device(monkeypatch, flip, zo
     assert out.device.type == "meta" and out.shape == (tk.T, tk.B, tk.H)
     grads = torch.autograd.grad((out.sum() + h.sum() + c.sum()), meta[:4])
     assert all(g.device.type == "meta" and g.shape == x.shape for g, x in zip(grads, meta))
+
+
+@needs_fused
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(37, 53), (4 * 70, 70), (1, 5)])
+def test_tiled_transpose_matches_torch(dtype, shape):
+    """The backward products' weights (W_hhᵀ, ΔŴᵀ): the C tiled transpose equals torch's, bit for
+    bit, for shapes that are not multiples of its 32 x 32 tiles."""
+    m = torch.randn(shape).to(dtype)
+    assert torch.equal(lstm_fused.transposed(m), m.t().contiguous())
+    assert torch.equal(lstm_fused.transposed(m.t()), m)  # a non-contiguous input

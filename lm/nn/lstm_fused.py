@@ -24,7 +24,7 @@ every operand is checked to be a CPU float32 tensor with unit stride along its r
 from __future__ import annotations
 
 import ctypes
-from ctypes import c_float, c_int32, c_int64, c_void_p
+from ctypes import c_float, c_int, c_int32, c_int64, c_void_p
 
 import torch
 
@@ -62,7 +62,9 @@ def library() -> ctypes.CDLL | None:
     lib.lstm_forward_step.argtypes = [plan, c_int64, c_int64, c_void_p, c_void_p]
     lib.lstm_backward_gates.argtypes = [plan, c_int64]
     lib.lstm_backward_hidden.argtypes = [plan, c_int64, c_void_p, c_void_p]
-    for f in (lib.lstm_left, lib.lstm_forward_step, lib.lstm_backward_gates, lib.lstm_backward_hidden):
+    lib.transpose_2d.argtypes = [c_void_p, c_void_p, c_int64, c_int64, c_int, c_int]
+    for f in (lib.lstm_left, lib.lstm_forward_step, lib.lstm_backward_gates, lib.lstm_backward_hidden,
+              lib.transpose_2d):
         f.restype = None
     lib._flipout_ready = True
     return lib
@@ -96,6 +98,16 @@ class _Builder:
         self.keep.append(t)
         row, step = (t.stride(0), 0) if t.dim() == 2 else (t.stride(1), t.stride(0))
         self.plan.s[index] = _Slot(t.data_ptr(), row, step)
+
+
+def transposed(m: torch.Tensor) -> torch.Tensor:
+    """``mᵀ`` as a contiguous copy (float32 or bfloat16 ``(R, C)`` -> ``(C, R)``) by the C tiled
+    transpose: the backward products' weights, once per window (torch's strided copy is ~4x slower)."""
+    m = m.contiguous()
+    out = m.new_empty(m.shape[1], m.shape[0])
+    library().transpose_2d(m.data_ptr(), out.data_ptr(), m.shape[0], m.shape[1], m.element_size(),
+                           torch.get_num_threads())
+    return out
 
 
 def _ptr(x: torch.Tensor | None):
@@ -164,7 +176,7 @@ def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low):
     slot(B_SIGNED, signed, low or torch.float32)
     slot(B_DGLOW, dglow, low or torch.float32)
     cast = (lambda m: m) if low is None else (lambda m: m.to(low))  # noqa: E731
-    lin = [Packed(cast(m).t(), batch) for m in ((w,) if delta is None else (w, delta))]
+    lin = [Packed(transposed(cast(m)), batch) for m in ((w,) if delta is None else (w, delta))]
     for t in range(steps - 1, -1, -1):
         lib.lstm_backward_gates(slot.ref, t)
         p0 = lin[0](fac[t] if dglow is None else dglow)
