@@ -103,6 +103,7 @@ from bench._profiler import peak_step_memory  # noqa: E402
 from lm.config import ModelConfig, RegularizerConfig  # noqa: E402
 from lm.nn.model import LanguageModel, detach_state  # noqa: E402
 from lm.nn.precision import LOW_DTYPES, PRECISIONS, Precision  # noqa: E402
+from lm.train.optim import fused_adam_ok  # noqa: E402
 
 REFERENCE = "nn_lstm"
 
@@ -193,7 +194,8 @@ class Runner:
         if size.optim == "sgd":
             self.optimizer = torch.optim.SGD(params, lr=size.lr)
         else:
-            self.optimizer = torch.optim.Adam(params, lr=size.lr, amsgrad=True)
+            # as the trainer (lm.train.optim): torch's fused Adam where it applies
+            self.optimizer = torch.optim.Adam(params, lr=size.lr, amsgrad=True, fused=fused_adam_ok(params) or None)
         self.x, self.y = data[:-1], data[1:]
         self.state = self.model.init_state(size.batch)
         self.tokens = self.y.numel()

@@ -123,3 +123,27 @@ def test_sigterm_saves_last_and_prints_resume_command(ptb_dir, tmp_path):
     assert proc.returncode == 128 + signal.SIGTERM, err
     assert "Resume with: python train.py --run-dir" in out + err and "Traceback" not in err
     assert load_checkpoint(run / "last.pt")["step"] > 0
+
+
+def test_adam_is_torch_fused_where_it_applies():
+    """The trainer's Adam/AMSGrad uses torch's fused kernel for float CPU/CUDA parameters (one
+    kernel per tensor), and its update equals the unfused one up to float rounding."""
+    import dataclasses
+    from lm.config import Config
+    from lm.train.optim import fused_adam_ok, make_optimizer
+    torch.manual_seed(0)
+    params = [torch.nn.Parameter(torch.randn(50, 20)), torch.nn.Parameter(torch.randn(20))]
+    assert not fused_adam_ok([torch.nn.Parameter(torch.zeros(2, device="meta"))]) and not fused_adam_ok([])
+    cfg = Config()
+    cfg = dataclasses.replace(cfg, optim=dataclasses.replace(cfg.optim, name="amsgrad", lr=0.01))
+    fused = make_optimizer(cfg, params)
+    assert isinstance(fused, torch.optim.Adam) and fused.defaults["fused"] and fused.defaults["amsgrad"]
+    twins = [torch.nn.Parameter(p.detach().clone()) for p in params]
+    plain = torch.optim.Adam(twins, lr=0.01, amsgrad=True)
+    for _ in range(5):
+        for a, b in zip(params, twins):
+            a.grad = torch.randn_like(a)
+            b.grad = a.grad.clone()
+        fused.step(), plain.step()
+    for a, b in zip(params, twins):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)

@@ -50,13 +50,23 @@ class NonMonotonic:
         self.n, self.log = int(state["n"]), [float(v) for v in state["log"]]
 
 
+def fused_adam_ok(params: list) -> bool:
+    """Whether torch's fused Adam applies: every parameter a floating tensor on a CPU or CUDA device.
+    It updates each tensor in one kernel instead of about ten ops (the char model's AMSGrad step on
+    2 CPU cores: 22 ms -> 2.3 ms, bench/fused_step.py); same algorithm and state_dict, float
+    rounding in a different order."""
+    return bool(params) and all(p.is_floating_point() and p.device.type in ("cpu", "cuda") for p in params)
+
+
 def make_optimizer(cfg: Config, params, asgd: bool = False) -> torch.optim.Optimizer:
     o = cfg.optim
+    params = list(params)
     if asgd:  # AWD-LSTM's NT-ASGD: averaging starts at once (t0=0), no lr decay (lambd=0)
         return torch.optim.ASGD(params, lr=o.lr, t0=0, lambd=0.0, weight_decay=o.weight_decay)
     if o.name == "sgd":
         return torch.optim.SGD(params, lr=o.lr, weight_decay=o.weight_decay)
-    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.name == "amsgrad")
+    return torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay, amsgrad=o.name == "amsgrad",
+                            fused=fused_adam_ok(params) or None)
 
 
 class Optimization:
