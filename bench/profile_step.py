@@ -64,6 +64,7 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._floor import timed  # noqa: E402
 from bench._profiler import profiler_quiet  # noqa: E402
+from bench import throughput  # noqa: E402
 from bench.throughput import REFERENCE, SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
 from lm.nn import fastrand, lstm_fused  # noqa: E402
 from lm.nn.precision import PRECISIONS, Precision  # noqa: E402
@@ -187,7 +188,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the report to this JSON file")
     p.add_argument("--torch-step", action="store_true",
                    help="the step as before issue 19: torch ops for the recurrence's element-wise work "
-                        "(lm.nn.lstm_fused.FUSED = False) and torch's generator for the noise (lm.nn.fastrand.FAST = False)")
+                        "(lm.nn.lstm_fused.FUSED = False), torch's generator for the noise (lm.nn.fastrand.FAST = "
+                        "False) and torch's unfused Adam")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
@@ -203,14 +205,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    fused, fast = lstm_fused.FUSED, fastrand.FAST
+    fused, fast, fused_adam = lstm_fused.FUSED, fastrand.FAST, throughput.fused_adam_ok
     if args.torch_step:
         lstm_fused.FUSED = fastrand.FAST = False
+        throughput.fused_adam_ok = lambda params: False
     try:
         rec = profile_step(args)
     finally:
         torch.set_num_threads(threads)  # main() may be called in-process (tests)
-        lstm_fused.FUSED, fastrand.FAST = fused, fast
+        lstm_fused.FUSED, fastrand.FAST, throughput.fused_adam_ok = fused, fast, fused_adam
     print(format_report(rec, args.top))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

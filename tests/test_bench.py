@@ -236,6 +236,7 @@ def test_profile_step_torch_step_restores_the_defaults(profile_step, tmp_path):
                               "--torch-step", "--json", str(out)]) == 0
     assert json.loads(out.read_text())["torch_step"] is True
     assert lstm_fused.FUSED is None and fastrand.FAST is None
+    assert profile_step.throughput.fused_adam_ok([torch.nn.Parameter(torch.zeros(1))])
 
 
 def test_fused_step_bench_runs(tmp_path, capsys):
