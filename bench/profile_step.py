@@ -50,13 +50,14 @@ profiler's own share. ``--device cuda`` has not been run yet (no GPU lent so far
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import statistics
 import sys
 from collections import defaultdict
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -190,6 +191,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    help="the step as before issue 19: torch ops for the recurrence's element-wise work "
                         "(lm.nn.lstm_fused.FUSED = False), torch's generator for the noise (lm.nn.fastrand.FAST = "
                         "False) and torch's unfused Adam")
+    p.add_argument("--compare", action="store_true",
+                   help="profile the step as before issue 19 (--torch-step) and as now in one process, their "
+                        "steps interleaved, and print both reports and the change per category")
     args = p.parse_args(argv)
     if args.steps < 1 or args.warmup < 0:
         p.error("--steps must be at least 1 and --warmup at least 0")
@@ -200,45 +204,85 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+@contextlib.contextmanager
+def step_as_before(on: bool) -> Iterator[None]:
+    """With ``on``: the step as before issue 19 -- torch ops for the recurrence's element-wise work,
+    torch's generator for the noise, torch's unfused Adam (for runners built inside)."""
+    saved = lstm_fused.FUSED, fastrand.FAST, throughput.fused_adam_ok
+    if on:
+        lstm_fused.FUSED = fastrand.FAST = False
+        throughput.fused_adam_ok = lambda params: False
+    try:
+        yield
+    finally:
+        lstm_fused.FUSED, fastrand.FAST, throughput.fused_adam_ok = saved
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
-    fused, fast, fused_adam = lstm_fused.FUSED, fastrand.FAST, throughput.fused_adam_ok
-    if args.torch_step:
-        lstm_fused.FUSED = fastrand.FAST = False
-        throughput.fused_adam_ok = lambda params: False
     try:
-        rec = profile_step(args)
+        recs = profile_steps(args)
     finally:
         torch.set_num_threads(threads)  # main() may be called in-process (tests)
-        lstm_fused.FUSED, fastrand.FAST, throughput.fused_adam_ok = fused, fast, fused_adam
-    print(format_report(rec, args.top))
+    print("\n\n".join(format_report(r, args.top) for r in recs))
+    if args.compare:
+        print("\n" + format_change(*recs))
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(rec, indent=2) + "\n")
+        out = {"before": recs[0], "after": recs[1]} if args.compare else recs[0]
+        args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0
 
 
-def profile_step(args: argparse.Namespace) -> dict:
-    """Warm up, time unprofiled steps, profile as many, and return the report's record."""
+def format_change(before: dict, after: dict) -> str:
+    lines = ["| category | before ms/step | after ms/step | change |", "|---|---|---|---|"]
+    for b, a in zip(before["categories"], after["categories"]):
+        lines.append(f"| {b['name']} | {b['ms']:.1f} | {a['ms']:.1f} | {a['ms'] - b['ms']:+.1f} |")
+    lines.append(f"| total (wall, profiled) | {before['step_ms']:.1f} | {after['step_ms']:.1f} | "
+                 f"{after['step_ms'] - before['step_ms']:+.1f} |")
+    lines.append(f"| unprofiled step | {before['unprofiled_step_ms']:.1f} | {after['unprofiled_step_ms']:.1f} | "
+                 f"{after['unprofiled_step_ms'] - before['unprofiled_step_ms']:+.1f} |")
+    return "\n".join(lines)
+
+
+def profile_steps(args: argparse.Namespace) -> list[dict]:
+    """Warm up, time unprofiled steps, profile as many, and return the report's record (with
+    ``--compare``: two, before and after, their steps interleaved so that both see the same machine)."""
     device = torch.device(args.device)
     size = (TINY if args.tiny else SIZES)[args.size]
-    runner = build_runners(size, [] if args.reg == REFERENCE else [args.reg], device,
-                           Precision(args.precision, device))[args.reg]
-    for _ in range(args.warmup):
-        runner.train_step()
-    unprofiled = [timed(runner.train_step, device) for _ in range(args.steps)]
+    modes = [True, False] if args.compare else [args.torch_step]
+    runners = []
+    for before in modes:
+        with step_as_before(before):
+            runners.append(build_runners(size, [] if args.reg == REFERENCE else [args.reg], device,
+                                         Precision(args.precision, device))[args.reg])
     cuda = device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
-    with profiler_quiet(), profile(activities=activities, record_shapes=True) as prof:
-        wall = sum(timed(runner.train_step, device) for _ in range(args.steps))
-    rec = {"size": size.name, "reg": args.reg, "kernel": kernel_of(runner), "precision": args.precision,
-           "device": str(device), "threads": torch.get_num_threads(), "tiny": args.tiny, "steps": args.steps,
-           "warmup": args.warmup, "torch_step": args.torch_step, "unprofiled_step_ms": statistics.median(unprofiled) * 1e3, "torch": torch.__version__}
-    rec.update(breakdown(prof.events(), wall, args.steps, size.batch, cuda))
-    return rec
+    unprofiled, walls, events = ([[] for _ in modes] for _ in range(3))
+    for phase in ("warmup", "timed", "profiled"):
+        for _ in range(args.warmup if phase == "warmup" else args.steps):
+            for i, (before, runner) in enumerate(zip(modes, runners)):
+                with step_as_before(before):
+                    if phase == "warmup":
+                        runner.train_step()
+                    elif phase == "timed":
+                        unprofiled[i].append(timed(runner.train_step, device))
+                    else:
+                        with profiler_quiet(), profile(activities=activities, record_shapes=True) as prof:
+                            walls[i].append(timed(runner.train_step, device))
+                        events[i] += list(prof.events())
+    recs = []
+    for i, before in enumerate(modes):
+        rec = {"size": size.name, "reg": args.reg, "kernel": kernel_of(runners[i]), "precision": args.precision,
+               "device": str(device), "threads": torch.get_num_threads(), "tiny": args.tiny, "steps": args.steps,
+               "warmup": args.warmup, "torch_step": before, "unprofiled_step_ms": statistics.median(unprofiled[i]) * 1e3,
+               "torch": torch.__version__}
+        rec.update(breakdown(events[i], sum(walls[i]), args.steps, size.batch, cuda))
+        recs.append(rec)
+    return recs
 
 
 if __name__ == "__main__":

@@ -227,14 +227,22 @@ def test_profile_step_categories(profile_step):
     assert cat(ev("aten::select"), batch=4) == "rest"
 
 
-def test_profile_step_torch_step_restores_the_defaults(profile_step, tmp_path):
-    """--torch-step profiles the step as before the fused C step and the Philox draws, and leaves
-    both switched back on afterwards."""
+def test_profile_step_compare_before_and_after(profile_step, tmp_path, capsys):
+    """--compare profiles the step as before issue 19 (torch step, torch draws, unfused Adam) and
+    as now in one process, and restores the defaults afterwards."""
     from lm.nn import fastrand, lstm_fused
     out = tmp_path / "p.json"
-    assert profile_step.main(["--tiny", "--reg", "zoneout", "--threads", "1", "--steps", "1", "--warmup", "1",
-                              "--torch-step", "--json", str(out)]) == 0
-    assert json.loads(out.read_text())["torch_step"] is True
+    assert profile_step.main(["--tiny", "--reg", "zoneout", "--threads", "1", "--steps", "2", "--warmup", "1",
+                              "--compare", "--json", str(out)]) == 0
+    rec = json.loads(out.read_text())
+    assert rec["before"]["torch_step"] is True and rec["after"]["torch_step"] is False
+    for r in rec.values():
+        assert math.isclose(sum(c["ms"] for c in r["categories"]), r["step_ms"], rel_tol=1e-9)
+    before = {c["name"]: c["calls"] for c in rec["before"]["categories"]}
+    after = {c["name"]: c["calls"] for c in rec["after"]["categories"]}
+    if lstm_fused.library() is not None:  # the fused step issues far fewer element-wise ops
+        assert after["element-wise"] < before["element-wise"] / 2
+    assert "| unprofiled step |" in capsys.readouterr().out
     assert lstm_fused.FUSED is None and fastrand.FAST is None
     assert profile_step.throughput.fused_adam_ok([torch.nn.Parameter(torch.zeros(1))])
 
