@@ -12,6 +12,8 @@ from typing import Callable
 
 import torch
 
+from lm.nn import lstm_fused
+
 from bench._floor import sync
 
 
@@ -42,7 +44,9 @@ def peak_step_memory(fn: Callable[[], None], device: torch.device) -> float:
     """Peak tensor memory (MiB) allocated during ``fn`` above the level at its start: on CUDA
     ``max_memory_allocated`` minus the level at the start; on CPU the running sum of allocated
     minus freed bytes of ``torch.profiler``'s memory events, maximised over the call (NaN when
-    the private profiler API it reads has moved)."""
+    the private profiler API it reads has moved). The fused step's buffer pool
+    (:mod:`lm.nn.lstm_fused`) is emptied first, so the buffers it would reuse are counted."""
+    lstm_fused.clear_pool()
     if device.type == "cuda":
         sync(device)
         torch.cuda.reset_peak_memory_stats(device)

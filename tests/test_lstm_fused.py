@@ -196,3 +196,45 @@ def test_tiled_transpose_matches_torch(dtype, shape):
     m = torch.randn(shape).to(dtype)
     assert torch.equal(lstm_fused.transposed(m), m.t().contiguous())
     assert torch.equal(lstm_fused.transposed(m.t()), m)  # a non-contiguous input
+
+
+@needs_fused
+@pytest.mark.parametrize("flip", ["none", "per_window"])
+def test_second_backward_through_same_graph_is_refused_on_the_fused_step(flip):
+    """The C code writes the saved factors through a raw pointer; the kernel still bumps their
+    version, so retain_graph + a second backward fails loudly instead of reading reused buffers."""
+    inputs, draws = _case(True, flip, False, "off", torch.float32)
+    out, _ = lstm_window(inputs[0], (inputs[1], inputs[2]), inputs[3], draws)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="one backward pass per forward"):
+        out.sum().backward()
+
+
+@needs_fused
+def test_pooled_buffers_give_the_same_results_in_any_order():
+    """Windows whose graphs overlap (two forwards, then their backwards in reverse order, as the
+    layers of a model) and windows that reuse pooled buffers give, bit for bit, what each window
+    gives on a fresh pool; the pool holds buffers only between windows."""
+    cases = [_case(True, "per_window", True, "masks", torch.float32, seed=k) for k in (0, 1)]
+
+    def window(inputs, draws):
+        return lstm_window(inputs[0], (inputs[1], inputs[2]), inputs[3], draws)
+
+    fresh = []
+    for inputs, draws in cases:
+        lstm_fused.clear_pool()
+        out, (h, c) = window(inputs, draws)
+        fresh.append([out, h, c, *torch.autograd.grad(out.sum() + c.sum(), inputs[:4])])
+    lstm_fused.clear_pool()
+    runs = [window(*case) for case in cases]  # both graphs alive: nothing released yet
+    got = [None, None]
+    for k in (1, 0):
+        out, (h, c) = runs[k]
+        got[k] = [out, h, c, *torch.autograd.grad(out.sum() + c.sum(), cases[k][0][:4])]
+    assert lstm_fused.POOL.bytes() > 0
+    again = window(*cases[0])  # now from pooled buffers
+    got.append([again[0], *again[1], *torch.autograd.grad(again[0].sum() + again[1][1].sum(), cases[0][0][:4])])
+    for a, b in zip(got[0] + got[1] + got[2], fresh[0] + fresh[1] + fresh[0]):
+        assert torch.equal(a, b)
+    lstm_fused.clear_pool()
+    assert lstm_fused.POOL.bytes() == 0

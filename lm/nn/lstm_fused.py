@@ -110,6 +110,45 @@ def transposed(m: torch.Tensor) -> torch.Tensor:
     return out
 
 
+class _Pool:
+    """The window-long buffers only this module uses (the cell states, the backward's ``aux`` and
+    left operands), kept from one window for the next.
+
+    A fresh buffer of tens of MB is mapped page by page on its first touch: at the char size the
+    window's new buffers cost about as much as its fused element-wise work. Only buffers that
+    never leave this module are pooled: ``hall`` is the layer's output and ``fac`` becomes the
+    input projection's gradient, so both stay fresh. A pooled buffer is handed back when its
+    window is done with it (``call`` after the forward, ``aux`` and the left operands after the
+    backward); a graph that is dropped without a backward just frees its buffers. A second backward
+    through a retained graph is refused before it could read a reused buffer (the forward's ``fac``
+    changes version, see :func:`window_backward`). At most ``per_key`` buffers per shape are kept
+    (the layers of one model); :func:`clear` empties the pool (memory benchmarks call it first)."""
+
+    def __init__(self, per_key: int = 4) -> None:
+        self.per_key, self.free = per_key, {}
+
+    def take(self, like: torch.Tensor, *shape: int) -> torch.Tensor:
+        got = self.free.get((shape, like.dtype, like.device))
+        return got.pop() if got else like.new_empty(*shape)
+
+    def give(self, *tensors: torch.Tensor | None) -> None:
+        for t in tensors:
+            if t is not None:
+                kept = self.free.setdefault((tuple(t.shape), t.dtype, t.device), [])
+                if len(kept) < self.per_key:
+                    kept.append(t)
+
+    def bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for kept in self.free.values() for t in kept)
+
+
+POOL = _Pool()
+
+
+def clear_pool() -> None:
+    POOL.free.clear()
+
+
 def _ptr(x: torch.Tensor | None):
     return None if x is None else x.data_ptr()
 
@@ -121,16 +160,16 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     hid = h4 // 4
     xproj = xproj.to(torch.float32).contiguous()
     new = lambda *shape, dtype=torch.float32: xproj.new_empty(*shape, dtype=dtype)  # noqa: E731
-    hall, call = new(steps + 1, batch, hid), new(steps + 1, batch, hid)
+    hall, call = new(steps + 1, batch, hid), POOL.take(xproj, steps + 1, batch, hid)
     hall[0], call[0] = h0, c0
     fac = aux = left_all = None
     if save:
-        fac, aux = new(steps, batch, h4), new(steps, batch, 2 * hid)
+        fac, aux = new(steps, batch, h4), POOL.take(xproj, steps, batch, 2 * hid)
     flip = delta is not None
     if flip:
-        left_all = new(2, steps if save else 1, batch, hid)
+        left_all = POOL.take(xproj, 2, steps, batch, hid) if save else new(2, 1, batch, hid)
     elif mask is not None:
-        left_all = new(steps if save else 1, batch, hid)
+        left_all = POOL.take(xproj, steps, batch, hid) if save else new(1, batch, hid)
     left0 = None if left_all is None else left_all[0] if flip else left_all
     left1 = left_all[1] if flip else None
     slot = _Builder(batch, hid, low, save, zc, zh)
@@ -154,12 +193,15 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
         p0 = lin[0](a0)
         p1 = lin[1](a1) if flip else None
         lib.lstm_forward_step(slot.ref, t, steps, p0.data_ptr(), _ptr(p1))
-    return hall, call[steps].clone(), fac, aux, left_all if save else None, None
+    c_last = call[steps].clone()
+    POOL.give(call)
+    return hall, c_last, fac, aux, left_all if save else None, None
 
 
 def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low):
     """The step loop of :meth:`lm.nn.lstm_kernel._LSTMWindow._backward` on the fused step: turns
-    ``fac`` into the gate gradients in place and returns ``(dh_0, dc_0)``."""
+    ``fac`` into the gate gradients in place and returns ``(dh_0, dc_0)``. The caller hands
+    ``aux`` and the left operands to :func:`release` once its weight gradients are done."""
     lib = library()
     steps, batch, h4 = fac.shape
     hid = h4 // 4
@@ -182,4 +224,12 @@ def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low):
         p0 = lin[0](fac[t] if dglow is None else dglow)
         p1 = lin[1](signed) if flip else None
         lib.lstm_backward_hidden(slot.ref, t, p0.data_ptr(), _ptr(p1))
+    # the C code wrote fac through a raw pointer: bump its version (shared by its views), so that a
+    # second backward through a retained graph fails on ctx.saved_tensors as the torch step's does
+    fac[:1, :1, :1].mul_(1.0)
     return dh2[0], dc2[0]
+
+
+def release(aux: torch.Tensor, left: torch.Tensor | None) -> None:
+    """Hand a finished window's ``aux`` and left operands to the pool (after its backward)."""
+    POOL.give(aux, left)

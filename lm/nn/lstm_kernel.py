@@ -183,7 +183,8 @@ class _LSTMWindow(torch.autograd.Function):
         if ctx.zone is not None:
             zc = zc if zc is not None else ctx.zone[0]
             zh = zh if zh is not None else ctx.zone[1]
-        if lstm_fused.usable(w, low):
+        fused = lstm_fused.usable(w, low)
+        if fused:
             dh, dc = lstm_fused.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low)
         else:
             dh, dc = _backward_loop(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked, low)
@@ -198,6 +199,8 @@ class _LSTMWindow(torch.autograd.Function):
             fac.mul_(r)
             d_delta = _weight_grad(d_gates, left[1].reshape(-1, hid), low)
             fac.mul_(r)
+        if fused:
+            lstm_fused.release(aux, left)
         return (fac, dh if need[1] else None, dc if need[2] else None, d_w, d_delta,
                 None, None, None, None, None, None, None)
 
