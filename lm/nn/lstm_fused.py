@@ -89,11 +89,15 @@ class _Builder:
             setattr(p, name, float(z) if mode == Z_SCALAR else 0.0)
         self.ref = ctypes.byref(p)
 
-    def __call__(self, index: int, t: torch.Tensor | float | None, dtype: torch.dtype = torch.float32) -> None:
-        """Slot ``index`` := ``t``, a ``(B, X)`` tensor (the same every step) or ``(T, B, X)``."""
+    def __call__(self, index: int, t: torch.Tensor | float | None, dtype: torch.dtype = torch.float32,
+                 out: bool = False) -> None:
+        """Slot ``index`` := ``t``, a ``(B, X)`` tensor (the same every step) or ``(T, B, X)``; an
+        input is converted when needed, an output (``out``) must already be right."""
         if not isinstance(t, torch.Tensor):
             return
         if t.dtype != dtype or t.device.type != "cpu" or t.stride(-1) != 1:
+            if out:
+                raise ValueError(f"output slot {index} is {t.dtype} on {t.device} (needs {dtype}, unit stride)")
             t = t.to("cpu", dtype).contiguous()
         self.keep.append(t)
         row, step = (t.stride(0), 0) if t.dim() == 2 else (t.stride(1), t.stride(0))
@@ -122,14 +126,15 @@ class _Pool:
     backward); a graph that is dropped without a backward just frees its buffers. A second backward
     through a retained graph is refused before it could read a reused buffer (the forward's ``fac``
     changes version, see :func:`window_backward`). At most ``per_key`` buffers per shape are kept
-    (the layers of one model); :func:`clear` empties the pool (memory benchmarks call it first)."""
+    (the layers of one model); :func:`clear_pool` empties it (memory benchmarks call it first)."""
 
     def __init__(self, per_key: int = 4) -> None:
         self.per_key, self.free = per_key, {}
 
-    def take(self, like: torch.Tensor, *shape: int) -> torch.Tensor:
-        got = self.free.get((shape, like.dtype, like.device))
-        return got.pop() if got else like.new_empty(*shape)
+    def take(self, like: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        dtype = dtype or like.dtype
+        got = self.free.get((shape, dtype, like.device))
+        return got.pop() if got else like.new_empty(*shape, dtype=dtype)
 
     def give(self, *tensors: torch.Tensor | None) -> None:
         for t in tensors:
@@ -166,10 +171,11 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     if save:
         fac, aux = new(steps, batch, h4), POOL.take(xproj, steps, batch, 2 * hid)
     flip = delta is not None
+    ldt = low or torch.float32  # the left operands are kept in the matmuls' dtype
     if flip:
-        left_all = POOL.take(xproj, 2, steps, batch, hid) if save else new(2, 1, batch, hid)
+        left_all = POOL.take(xproj, 2, steps, batch, hid, dtype=ldt) if save else new(2, 1, batch, hid, dtype=ldt)
     elif mask is not None:
-        left_all = POOL.take(xproj, steps, batch, hid) if save else new(1, batch, hid)
+        left_all = POOL.take(xproj, steps, batch, hid, dtype=ldt) if save else new(1, batch, hid, dtype=ldt)
     left0 = None if left_all is None else left_all[0] if flip else left_all
     left1 = left_all[1] if flip else None
     slot = _Builder(batch, hid, low, save, zc, zh)
@@ -177,19 +183,18 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
                      (F_FAC, fac), (F_AUX, aux), (F_MASK, mask), (F_S, s)):
         slot(index, t)
     for index, t in ((F_LEFT0, left0), (F_LEFT1, left1)):  # one reused buffer when nothing is saved
-        slot(index, t if t is None or save else t[0])
-    lows = [new(batch, hid, dtype=low) if low else None for _ in range(2 if flip else 1)]
-    slot(F_LOW0, lows[0], low)
-    slot(F_LOW1, lows[-1] if flip else None, low)
+        slot(index, t if t is None or save else t[0], ldt, out=True)
+    h_low = new(batch, hid, dtype=low) if low is not None and left0 is None else None  # h in bf16
+    slot(F_LOW0, h_low, ldt, out=True)
     cast = (lambda m: m) if low is None else (lambda m: m.to(low))  # noqa: E731
     lin = [Packed(cast(m), batch) for m in ((w,) if delta is None else (w, delta))]
     lib.lstm_left(slot.ref, 0)
     for t in range(steps):
-        if low is not None:
-            a0, a1 = lows[0], lows[-1]
+        if left0 is None:
+            a0 = hall[t] if h_low is None else h_low
         else:
-            a0 = hall[t] if left0 is None else left0[t if save else 0]
-            a1 = left1[t if save else 0] if flip else None
+            a0 = left0[t if save else 0]
+        a1 = left1[t if save else 0] if flip else None
         p0 = lin[0](a0)
         p1 = lin[1](a1) if flip else None
         lib.lstm_forward_step(slot.ref, t, steps, p0.data_ptr(), _ptr(p1))
@@ -200,8 +205,10 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
 
 def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low):
     """The step loop of :meth:`lm.nn.lstm_kernel._LSTMWindow._backward` on the fused step: turns
-    ``fac`` into the gate gradients in place and returns ``(dh_0, dc_0)``. The caller hands
-    ``aux`` and the left operands to :func:`release` once its weight gradients are done."""
+    ``fac`` into the gate gradients in place and returns ``(dh_0, dc_0, dgates_low)``, the last
+    the window's gate gradients ``(T, B, 4H)`` already in ``low`` for the weight gradients (None
+    in float32). The caller hands ``aux``, the left operands and ``dgates_low`` to
+    :func:`release` once its weight gradients are done."""
     lib = library()
     steps, batch, h4 = fac.shape
     hid = h4 // 4
@@ -214,22 +221,23 @@ def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low):
                      (B_DHALL, d_hall), (B_DH, dh2), (B_DC, dc2)):
         slot(index, t)
     signed = fac.new_empty(batch, h4, dtype=low or torch.float32) if flip else None
-    dglow = fac.new_empty(batch, h4, dtype=low) if low is not None else None
-    slot(B_SIGNED, signed, low or torch.float32)
-    slot(B_DGLOW, dglow, low or torch.float32)
+    dglow = POOL.take(fac, steps, batch, h4, dtype=low) if low is not None else None
+    slot(B_SIGNED, signed, low or torch.float32, out=True)
+    slot(B_DGLOW, dglow, low or torch.float32, out=True)
     cast = (lambda m: m) if low is None else (lambda m: m.to(low))  # noqa: E731
     lin = [Packed(transposed(cast(m)), batch) for m in ((w,) if delta is None else (w, delta))]
     for t in range(steps - 1, -1, -1):
         lib.lstm_backward_gates(slot.ref, t)
-        p0 = lin[0](fac[t] if dglow is None else dglow)
+        p0 = lin[0](fac[t] if dglow is None else dglow[t])
         p1 = lin[1](signed) if flip else None
         lib.lstm_backward_hidden(slot.ref, t, p0.data_ptr(), _ptr(p1))
     # the C code wrote fac through a raw pointer: bump its version (shared by its views), so that a
     # second backward through a retained graph fails on ctx.saved_tensors as the torch step's does
     fac[:1, :1, :1].mul_(1.0)
-    return dh2[0], dc2[0]
+    return dh2[0], dc2[0], dglow
 
 
-def release(aux: torch.Tensor, left: torch.Tensor | None) -> None:
-    """Hand a finished window's ``aux`` and left operands to the pool (after its backward)."""
-    POOL.give(aux, left)
+def release(*buffers: torch.Tensor | None) -> None:
+    """Hand a finished window's ``aux``, left operands and low-precision gate gradients to the pool
+    (after its backward)."""
+    POOL.give(*buffers)

@@ -183,24 +183,27 @@ class _LSTMWindow(torch.autograd.Function):
         if ctx.zone is not None:
             zc = zc if zc is not None else ctx.zone[0]
             zh = zh if zh is not None else ctx.zone[1]
-        fused = lstm_fused.usable(w, low)
+        fused, dg_low = lstm_fused.usable(w, low), None
         if fused:
-            dh, dc = lstm_fused.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low)
+            dh, dc, dg_low = lstm_fused.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low)
         else:
             dh, dc = _backward_loop(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked, low)
         h4, hid = w.shape
         need = ctx.needs_input_grad
-        d_gates = fac.view(-1, h4)
+        # the fused step hands the gate gradients back in bf16 too (dg_low), so no cast here
+        d_gates = (fac if dg_low is None else dg_low).view(-1, h4)
         hr = hall[:-1] if left is None else left[0] if delta is not None else left
         d_w = _weight_grad(d_gates, hr.reshape(-1, hid), low) if need[3] else None
         d_delta = None
-        if delta is not None and need[4]:
+        if delta is not None and need[4] and dg_low is not None:
+            d_delta = _weight_grad((dg_low * r.to(dg_low.dtype)).view(-1, h4), left[1].reshape(-1, hid), low)
+        elif delta is not None and need[4]:
             # dΔ = Σ_t (dgates ∘ r)ᵀ (h̃ ∘ s): flip the signs of dgates in place and back (r ∘ r = 1 exactly)
             fac.mul_(r)
             d_delta = _weight_grad(d_gates, left[1].reshape(-1, hid), low)
             fac.mul_(r)
         if fused:
-            lstm_fused.release(aux, left)
+            lstm_fused.release(aux, left, dg_low)
         return (fac, dh if need[1] else None, dc if need[2] else None, d_w, d_delta,
                 None, None, None, None, None, None, None)
 

@@ -8,7 +8,8 @@
  * between rows and the distance between time steps (0: the same view every step), in elements.
  * A gate-shaped operand ((B, 4H): gate pre-activations, signs r, saved factors) holds gate j at
  * column j*H of each row. Element-wise state and factors are float32; the matmul products (p0,
- * p1) and the copies made for the next matmul (LOW slots) are float32 or, with `low`, bfloat16.
+ * p1), the left operands made for the next matmul (LEFT, LOW) and the gate gradients copied for
+ * the products (SIGNED, DGLOW) are float32 or, with `low`, bfloat16.
  *
  * Compiled with -O3 -march=native -fno-math-errno -fopenmp (lm/nn/cext.py). The two declarations
  * below let gcc call glibc's vector expf / tanhf (libmvec, glibc >= 2.35 for tanhf), so each loop
@@ -87,19 +88,38 @@ static inline void add_from(float *restrict acc, const void *src, int64_t off, c
 
 static inline void to_low(uint16_t *restrict out, const float *restrict src, int64_t m) { LOOP out[k] = f32_to_bf16(src[k]); }
 
+/* row b of step t of a bfloat16 slot (2-byte elements) */
+#define AT16(p, sl, t, b) ((uint16_t *)(p)->s[sl].base + (t) * (p)->s[sl].step + (b) * (p)->s[sl].row)
+
 /* Step t's left operands of the matmuls, from h_t (= H slot at t): h̃ = h ∘ mask into LEFT0 (when
- * there is a mask or flipout), h̃ ∘ s into LEFT1 (flipout), and their copies in the matmul dtype. */
+ * there is a mask or flipout) and h̃ ∘ s into LEFT1 (flipout), in the matmul dtype: float32, or
+ * with `low` bfloat16, which is what the products and the window's weight gradients read. With
+ * `low` and no LEFT0, LOW0 gets h itself in bfloat16. */
 static void left_row(const Plan *p, int64_t t, int64_t b) {
-    const int64_t m = p->hid;
+    const int64_t n = p->hid;
     const float *h = AT(p, F_H, t, b);
     const float *mk = HAS(p, F_MASK) ? AT(p, F_MASK, t, b) : 0, *s = HAS(p, F_S) ? AT(p, F_S, t, b) : 0;
-    float *l0 = HAS(p, F_LEFT0) ? AT(p, F_LEFT0, t, b) : 0, *l1 = HAS(p, F_LEFT1) ? AT(p, F_LEFT1, t, b) : 0;
-    if (l0) { if (mk) { LOOP l0[k] = h[k] * mk[k]; } else { LOOP l0[k] = h[k]; } }
-    const float *src0 = l0 ? l0 : h;
-    if (l1) { LOOP l1[k] = src0[k] * s[k]; }
-    if (p->low) {  /* LOW slots: bfloat16 rows */
-        if (HAS(p, F_LOW0)) to_low((uint16_t *)p->s[F_LOW0].base + b * p->s[F_LOW0].row, src0, m);
-        if (HAS(p, F_LOW1)) to_low((uint16_t *)p->s[F_LOW1].base + b * p->s[F_LOW1].row, l1, m);
+    const int has0 = HAS(p, F_LEFT0), has1 = HAS(p, F_LEFT1);
+    if (!p->low) {
+        float *l0 = has0 ? AT(p, F_LEFT0, t, b) : 0, *l1 = has1 ? AT(p, F_LEFT1, t, b) : 0;
+        const int64_t m = n;
+        if (l0) { if (mk) { LOOP l0[k] = h[k] * mk[k]; } else { LOOP l0[k] = h[k]; } }
+        const float *src0 = l0 ? l0 : h;
+        if (l1) { LOOP l1[k] = src0[k] * s[k]; }
+        return;
+    }
+    if (!has0) {  /* no mask, no flipout: the product reads h in bfloat16 */
+        if (HAS(p, F_LOW0)) to_low(AT16(p, F_LOW0, 0, b), h, n);
+        return;
+    }
+    uint16_t *l0 = AT16(p, F_LEFT0, t, b), *l1 = has1 ? AT16(p, F_LEFT1, t, b) : 0;
+    float v[K];
+    for (int64_t k0 = 0; k0 < n; k0 += K) {
+        const int64_t m = MIN(K, n - k0);
+        const float *hk = h + k0;
+        if (mk) { const float *mm = mk + k0; LOOP v[k] = hk[k] * mm[k]; } else { LOOP v[k] = hk[k]; }
+        to_low(l0 + k0, v, m);
+        if (l1) { const float *sk = s + k0; LOOP v[k] *= sk[k]; to_low(l1 + k0, v, m); }
     }
 }
 
@@ -207,7 +227,7 @@ static void bwd_gates_row(const Plan *p, int64_t t, int64_t b) {
             _Pragma("GCC ivdep") for (int64_t q = 0; q < g4; q++) sg[q] = fac[q] * r[q];
         }
     }
-    if (HAS(p, B_DGLOW)) to_low((uint16_t *)p->s[B_DGLOW].base + b * p->s[B_DGLOW].row, fac, g4);
+    if (HAS(p, B_DGLOW)) to_low(AT16(p, B_DGLOW, t, b), fac, g4);  /* the window's dgates in bfloat16 */
 }
 
 void lstm_backward_gates(const Plan *p, int64_t t) {
