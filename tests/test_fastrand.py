@@ -119,3 +119,15 @@ def test_fallback_draws_with_torch(monkeypatch):
     assert abs((m == 2).double().mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / N)
     d = fastrand.uniform((2, 3), like.double(), None)  # float64 always takes torch
     assert d.dtype == torch.float64
+
+
+@needs_lib
+def test_two_valued_for_low_precision_activations():
+    """Under autocast, dropout masks for bf16 activations come from Philox too, cast to bf16."""
+    g = torch.Generator().manual_seed(7)
+    m = fastrand.two_valued((N,), torch.empty(0, dtype=torch.bfloat16), 0.25, 0.0, 1 / 0.75, g)
+    assert m.dtype == torch.bfloat16
+    assert set(m.float().unique().tolist()) == {0.0, float(torch.tensor(1 / 0.75).bfloat16())}
+    assert abs((m == 0).double().mean().item() - 0.25) < 5 * math.sqrt(0.25 * 0.75 / N)
+    g2 = torch.Generator().manual_seed(7)
+    assert torch.equal(m, fastrand.two_valued((N,), torch.empty(0), 0.25, 0.0, 1 / 0.75, g2).bfloat16())

@@ -47,8 +47,8 @@ def library() -> ctypes.CDLL | None:
     return lib
 
 
-def _fast(like: torch.Tensor) -> ctypes.CDLL | None:
-    if FAST is False or like.device.type != "cpu" or like.dtype != torch.float32:
+def _fast(like: torch.Tensor, dtypes: tuple = (torch.float32,)) -> ctypes.CDLL | None:
+    if FAST is False or like.device.type != "cpu" or like.dtype not in dtypes:
         return None
     return library()
 
@@ -58,39 +58,38 @@ def _seed(generator: torch.Generator | None) -> int:
     return int(torch.randint(0, 2**63 - 1, (), generator=generator).item())
 
 
-def _empty(shape, like: torch.Tensor) -> torch.Tensor:
-    return torch.empty(shape, dtype=like.dtype, device=like.device)
+def _draw(kind: str, shape, like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """``kind`` 'uniform' or 'normal': Philox where it applies, else torch's own draw."""
+    lib = _fast(like)
+    if lib is None:
+        draw = torch.rand if kind == "uniform" else torch.randn
+        return draw(shape, dtype=like.dtype, device=like.device, generator=generator)
+    out = torch.empty(shape, dtype=like.dtype, device=like.device)
+    getattr(lib, f"philox_{kind}")(out.data_ptr(), out.numel(), _seed(generator), torch.get_num_threads())
+    return out
 
 
 def uniform(shape, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Uniform [0, 1) of ``shape`` with ``like``'s dtype and device (``torch.rand``'s distribution)."""
-    lib = _fast(like)
-    if lib is None:
-        return torch.rand(shape, dtype=like.dtype, device=like.device, generator=generator)
-    out = _empty(shape, like)
-    lib.philox_uniform(out.data_ptr(), out.numel(), _seed(generator), torch.get_num_threads())
-    return out
+    return _draw("uniform", shape, like, generator)
 
 
 def normal(shape, like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Standard normal of ``shape`` with ``like``'s dtype and device."""
-    lib = _fast(like)
-    if lib is None:
-        return torch.randn(shape, dtype=like.dtype, device=like.device, generator=generator)
-    out = _empty(shape, like)
-    lib.philox_normal(out.data_ptr(), out.numel(), _seed(generator), torch.get_num_threads())
-    return out
+    return _draw("normal", shape, like, generator)
 
 
 def two_valued(shape, like: torch.Tensor, p: float, below: float, above: float,
                generator: torch.Generator | None = None) -> torch.Tensor:
     """``below`` with probability ``p`` and ``above`` otherwise, independently per element (a
-    Bernoulli mask with its values, e.g. ``p = 1 - keep``, 0 and ``1 / keep`` for scaled dropout)."""
-    lib = _fast(like)
+    Bernoulli mask with its values, e.g. ``p = 1 - keep``, 0 and ``1 / keep`` for scaled dropout).
+    A bf16/fp16 ``like`` (activations under autocast) gets the float32 draw cast to its dtype."""
+    low = like.dtype in (torch.bfloat16, torch.float16)
+    lib = _fast(like, (torch.float32, torch.bfloat16, torch.float16))
     if lib is None:
         u = torch.rand(shape, dtype=like.dtype, device=like.device, generator=generator)
         return torch.where(u < p, torch.tensor(below, dtype=like.dtype, device=like.device),
                            torch.tensor(above, dtype=like.dtype, device=like.device))
-    out = _empty(shape, like)
+    out = torch.empty(shape, dtype=torch.float32, device=like.device)
     lib.philox_two_valued(out.data_ptr(), out.numel(), _seed(generator), torch.get_num_threads(), p, below, above)
-    return out
+    return out.to(like.dtype) if low else out
