@@ -1,7 +1,7 @@
-"""Build, cache and load the small C kernels of :mod:`lm.nn` (today: ``csrc/lstm_step.c``).
+"""Build, cache and load the small C kernels of :mod:`lm.nn` (``csrc/lstm_step.c``, ``csrc/philox.c``).
 
-The C files use no torch headers, so a build is one ``cc`` call of about a second (a torch C++
-extension takes a minute). The shared object is cached under ``$FLIPOUT_LM_CACHE`` (default
+The C files use no torch headers, so a build is one ``cc`` call of 0.6-2 s on the development
+machine (a torch C++ extension takes a minute). The shared object is cached under ``$FLIPOUT_LM_CACHE`` (default
 ``~/.cache/flipout-lm``), named by a hash of the source, the flags, the compiler's version and
 this CPU's flags (``-march=native``), so later runs and other processes load it without building;
 it is written to a temporary name and renamed, so concurrent runs never load half a file.

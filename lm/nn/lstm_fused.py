@@ -9,16 +9,23 @@ gradients), each a pass over ``(B, H)`` or ``(B, 4H)`` memory with its dispatch 
 * forward, per step ``t``: the packed matmul(s) ``p0 = h̃ W_hhᵀ`` (and ``p1 = (h̃ ∘ s) ΔŴᵀ``),
   then one call (``lstm_forward_step`` in ``csrc/lstm_step.c``) that forms the gates
   ``x̂_t + p0 + p1 ∘ r``, updates ``c`` and ``h`` (cell mask, zoneout), writes the saved factors
-  and builds step ``t+1``'s left operands (``h̃ = h ∘ m``, ``h̃ ∘ s``, their bf16 copies);
+  and builds step ``t+1``'s left operands (``h̃ = h ∘ m``, ``h̃ ∘ s``) in the matmuls' dtype;
 * backward, per step: one call turns the saved factors into the gate gradients and ``dc_{t-1}``
-  (plus ``dgates ∘ r`` and bf16 copies for the products), the packed product(s), and one call
-  forms ``dh_{t-1} = dh^{out}_{t-1} + m ∘ (p0 + p1 ∘ s) + dh_t ∘ z^h``.
+  (plus ``dgates ∘ r`` for the ΔŴ product), the packed product(s), and one call forms
+  ``dh_{t-1} = dh^{out}_{t-1} + m ∘ (p0 + p1 ∘ s) + dh_t ∘ z^h``.
+
+Under bf16 the products read bf16 operands, which the C step writes directly: the left operands
+(kept for the window's weight gradients in bf16, ``(T, B, H)``: exactly the values the torch step
+rounds them to at its matmuls) and a bf16 copy of the window's gate gradients ``(T, B, 4H)``,
+which :mod:`lm.nn.lstm_kernel` uses for ``dW_hh`` and ``dΔŴ`` instead of casting ``fac``.
+State, gates, saved factors and the float32 gate gradients stay float32, as in the torch step.
 
 Where: CPU, float32 weights, the ``packed`` matmul backend (:mod:`lm.nn.lstm_matmul`) in float32
 or bfloat16, and the C library built (:mod:`lm.nn.cext`). Anything else -- CUDA, float64, fp16,
 no compiler, ``FUSED = False`` or ``FLIPOUT_LM_FUSED=0`` -- takes the torch loop, which gives the
 same numbers up to float rounding (tests/test_lstm_fused.py). The C code reads raw pointers, so
-every operand is checked to be a CPU float32 tensor with unit stride along its rows here.
+every operand is checked here to be a CPU tensor of the expected dtype with unit stride along
+its rows (an input is converted, an output must already be right).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from lm.nn.lstm_matmul import Packed, use_packed
 FUSED: bool | None = None
 """None (default): the C step wherever it applies; False: always the torch loop."""
 
-F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_LOW1 = range(15)
+F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0 = range(14)  # csrc order
 B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW = range(12)
 Z_NONE, Z_MASK, Z_SCALAR = 0, 1, 2
 

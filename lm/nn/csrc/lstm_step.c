@@ -29,7 +29,7 @@ float tanhf(float);
 typedef struct { void *base; int64_t row; int64_t step; } Slot;
 
 enum {  /* forward slots */
-    F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_LOW1, F_N
+    F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_N
 };
 enum {  /* backward slots */
     B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW, B_N
