@@ -33,6 +33,7 @@ input projection, its gradients and the decoder under ``torch.autocast`` (as aut
 from __future__ import annotations
 
 import contextlib
+import json
 import statistics
 import time
 from dataclasses import dataclass
@@ -45,6 +46,25 @@ from torch import nn
 from lm.nn import lstm_matmul
 
 Fn = Callable[[], object]
+
+
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's CPU threads set to ``n`` (0: left as they are) inside, restored after: the scripts'
+    ``main`` may be called in-process (tests)."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def write_json(path, obj) -> None:
+    """``obj`` as indented JSON at ``path`` (its folder created): the scripts' ``--json``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
 def sync(device: torch.device | str) -> None:

@@ -22,7 +22,6 @@ weights evolve across the timings; speed does not depend on them.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 from pathlib import Path
@@ -31,7 +30,7 @@ from typing import Sequence
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._floor import timed  # noqa: E402
+from bench._floor import timed, torch_threads, write_json  # noqa: E402
 from bench.throughput import SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
 from lm.nn import fastrand, lstm_fused  # noqa: E402
 from lm.nn.precision import Precision  # noqa: E402
@@ -81,12 +80,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     unknown = set(names) - set(regularizers("char"))
     if unknown:
         p.error(f"unknown regularizer(s) {sorted(unknown)}; choose from {', '.join(regularizers('char'))}")
-    before = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     sizes, rounds = (TINY, 2) if args.tiny else (SIZES, args.rounds)
     records = []
-    try:
+    with torch_threads(args.threads):
         print(f"| size | precision | regularizer | kernel | {' | '.join(f'{m} ms' for m in MODES)} | "
               f"fused step speed-up | fused + philox speed-up |")
         print("|---|---|---|---|---|---|---|---|---|")
@@ -99,11 +95,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                     print(f"| {size} | {precision} | {name} | {rec['kernel']} | "
                           + " | ".join(f"{ms[m]:.1f}" for m in MODES)
                           + f" | {sp['fused step']:.2f} | {sp['fused + philox']:.2f} |", flush=True)
-    finally:
-        torch.set_num_threads(before)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=2) + "\n")
+        write_json(args.json, records)
     return 0
 
 

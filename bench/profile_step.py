@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import statistics
 import sys
@@ -63,7 +62,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._floor import timed  # noqa: E402
+from bench._floor import timed, torch_threads, write_json  # noqa: E402
 from bench._profiler import profiler_quiet  # noqa: E402
 from bench import throughput  # noqa: E402
 from bench.throughput import REFERENCE, SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
@@ -220,20 +219,13 @@ def step_as_before(on: bool) -> Iterator[None]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         recs = profile_steps(args)
-    finally:
-        torch.set_num_threads(threads)  # main() may be called in-process (tests)
     print("\n\n".join(format_report(r, args.top) for r in recs))
     if args.compare:
         print("\n" + format_change(*recs))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"before": recs[0], "after": recs[1]} if args.compare else recs[0]
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, {"before": recs[0], "after": recs[1]} if args.compare else recs[0])
     return 0
 
 

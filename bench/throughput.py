@@ -82,7 +82,6 @@ Usage::
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import platform
@@ -98,7 +97,7 @@ from torch import nn
 from torch.profiler import record_function
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._floor import interleave, model_floors  # noqa: E402
+from bench._floor import interleave, model_floors, torch_threads, write_json  # noqa: E402
 from bench._profiler import peak_step_memory  # noqa: E402
 from lm.config import ModelConfig, RegularizerConfig  # noqa: E402
 from lm.nn.model import LanguageModel, detach_state  # noqa: E402
@@ -401,13 +400,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)  # main() may be called in-process (tests)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -427,8 +421,7 @@ def _run(args: argparse.Namespace) -> int:
     if speedups:
         print("\nlow precision against fp32 (tokens/s ratio, same model):\n\n" + speedups)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(records, indent=2) + "\n")
+        write_json(args.json, records)
     return 0
 
 

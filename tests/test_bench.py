@@ -22,14 +22,20 @@ ROOT = Path(__file__).resolve().parents[1]
 KEYS = {"name", "size", "device", "train_tokens_per_s", "eval_tokens_per_s", "ratio_vs_nn_lstm", "peak_mem_mb"}
 
 
+def _load(script: str, register: bool = False):
+    """``bench/<script>.py`` as a module (``register``: also in ``sys.modules`` while it loads)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", ROOT / "bench" / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    if register:
+        sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.fixture(scope="module")
 def throughput():
-    spec = importlib.util.spec_from_file_location("bench_throughput", ROOT / "bench" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    yield module
-    sys.modules.pop(spec.name, None)
+    yield _load("throughput", register=True)  # its dataclasses look their module up in sys.modules
+    sys.modules.pop("bench_throughput", None)
 
 
 def test_tiny_run_writes_json(throughput, tmp_path, capsys):
@@ -110,10 +116,7 @@ def test_unknown_names_are_rejected(throughput):
 
 @pytest.fixture(scope="module")
 def flipout_gemm():
-    spec = importlib.util.spec_from_file_location("bench_flipout_gemm", ROOT / "bench" / "flipout_gemm.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("flipout_gemm")
 
 
 def test_flipout_gemm_probe_prints_a_row_per_size(flipout_gemm, capsys):
@@ -177,10 +180,7 @@ def test_floor_issues_the_models_own_matmuls(throughput, size, reg, precision):
 
 @pytest.fixture(scope="module")
 def profile_step():
-    spec = importlib.util.spec_from_file_location("bench_profile_step", ROOT / "bench" / "profile_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("profile_step")
 
 
 @pytest.mark.parametrize("reg", ["wd_flipout", "nn_lstm"])
@@ -248,9 +248,7 @@ def test_profile_step_compare_before_and_after(profile_step, tmp_path, capsys):
 
 
 def test_fused_step_bench_runs(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_fused_step", ROOT / "bench" / "fused_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = _load("fused_step")
     out = tmp_path / "f.json"
     assert module.main(["--tiny", "--sizes", "char", "--only", "zoneout,gauss", "--threads", "1",
                         "--json", str(out)]) == 0

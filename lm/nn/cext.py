@@ -16,6 +16,7 @@ rather than starting a second thread pool.
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
 import shutil
@@ -69,12 +70,16 @@ def _cpu_flags() -> str:
     return os.uname().machine
 
 
-def _key(source: bytes, cc: str) -> str:
+@functools.cache
+def _compiler_version(cc: str) -> str:
     try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
-        version = ""
-    blob = b"\0".join([source, " ".join(FLAGS).encode(), version.encode(), _cpu_flags().encode()])
+        return ""
+
+
+def _key(source: bytes, cc: str) -> str:
+    blob = b"\0".join([source, " ".join(FLAGS).encode(), _compiler_version(cc).encode(), _cpu_flags().encode()])
     return hashlib.sha256(blob).hexdigest()[:16]
 
 

@@ -193,8 +193,7 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
         slot(index, t if t is None or save else t[0], ldt, out=True)
     h_low = new(batch, hid, dtype=low) if low is not None and left0 is None else None  # h in bf16
     slot(F_LOW0, h_low, ldt, out=True)
-    cast = (lambda m: m) if low is None else (lambda m: m.to(low))  # noqa: E731
-    lin = [Packed(cast(m), batch) for m in ((w,) if delta is None else (w, delta))]
+    lin = [Packed(m.to(ldt), batch) for m in ((w,) if delta is None else (w, delta))]
     lib.lstm_left(slot.ref, 0)
     for t in range(steps):
         if left0 is None:
@@ -231,16 +230,15 @@ def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low):
     dglow = POOL.take(fac, steps, batch, h4, dtype=low) if low is not None else None
     slot(B_SIGNED, signed, low or torch.float32, out=True)
     slot(B_DGLOW, dglow, low or torch.float32, out=True)
-    cast = (lambda m: m) if low is None else (lambda m: m.to(low))  # noqa: E731
-    lin = [Packed(transposed(cast(m)), batch) for m in ((w,) if delta is None else (w, delta))]
+    lin = [Packed(transposed(m.to(low or m.dtype)), batch) for m in ((w,) if delta is None else (w, delta))]
     for t in range(steps - 1, -1, -1):
         lib.lstm_backward_gates(slot.ref, t)
         p0 = lin[0](fac[t] if dglow is None else dglow[t])
         p1 = lin[1](signed) if flip else None
         lib.lstm_backward_hidden(slot.ref, t, p0.data_ptr(), _ptr(p1))
-    # the C code wrote fac through a raw pointer: bump its version (shared by its views), so that a
-    # second backward through a retained graph fails on ctx.saved_tensors as the torch step's does
-    fac[:1, :1, :1].mul_(1.0)
+    # the C code wrote fac through a raw pointer: bump its version, so that a second backward
+    # through a retained graph fails on ctx.saved_tensors as the torch step's does
+    torch.autograd.graph.increment_version(fac)
     return dh2[0], dc2[0], dglow
 
 
