@@ -7,8 +7,10 @@ The matmul floor answers: what ratio to ``nn.LSTM`` would a window kernel reach 
 but its matmuls? :func:`window_matmuls` issues one layer's matmuls of one training window as the
 layer issues them, on random operands:
 
-* the input projection ``F.linear(x, W_ih, b)`` ``(T·B, in) -> (T·B, 4H)`` and its gradients
-  ``dW_ih`` and (when the layer's input needs a gradient: not for one-hot characters) ``dx``;
+* the input projection ``x W_ihᵀ`` ``(T·B, in) -> (T·B, 4H)`` as the window kernel computes it
+  (:func:`lm.nn.lstm_fused.project`: its bias is added by the recurrence's element-wise step) and
+  its gradients ``dW_ih`` and (when the layer's input needs a gradient: not for one-hot
+  characters) ``dx``;
 * T forward products of :class:`~lm.nn.lstm_matmul.GateMatmul` and T backward products of
   :class:`~lm.nn.lstm_matmul.HiddenGrad` ``(B, H) x (H, 4H)``, their per-window setup included
   (the oneDNN weight reorders of the ``packed`` backend, the ``[W_hh, ΔŴ]`` stack of ``bmm``),
@@ -25,9 +27,9 @@ cuDNN on CUDA), which does all of a layer's work, element-wise included. The *la
 step (an embedding is a lookup, a one-hot input is part of the first layer's projection).
 
 Precision (``dtype`` bf16 or fp16): the matmuls run as the kernel runs them under autocast: the
-input projection, its gradients and the decoder under ``torch.autocast`` (as autograd runs
-``F.linear``), the per-step products with ``dtype`` and the weight gradients through
-:func:`lm.nn.lstm_matmul.low_mm` with autocast off; ``nn.LSTM``'s forward runs under autocast.
+decoder under ``torch.autocast`` (as autograd runs ``F.linear``), the input projection, the
+per-step products and the weight gradients with ``dtype`` and autocast off (explicit casts, as the
+kernel casts); ``nn.LSTM``'s forward runs under autocast.
 """
 
 from __future__ import annotations
@@ -43,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.nn import lstm_matmul
+from lm.nn import lstm_fused, lstm_matmul
 
 Fn = Callable[[], object]
 
@@ -135,21 +137,23 @@ def window_matmuls(hid: int, inp: int, batch: int, steps: int, flip: bool, *, pa
     new = lambda *shape: torch.randn(*shape, device=dev)  # noqa: E731
     w = new(4 * hid, hid) / hid ** 0.5
     delta = torch.randn_like(w) if flip else None
-    w_ih, bias, x = new(4 * hid, inp), new(4 * hid), new(steps * batch, inp)
+    w_ih, x = new(4 * hid, inp), new(steps, batch, inp)
     xt, r, dgt = new(batch, 4 * hid), torch.ones(batch, 4 * hid, device=dev), new(batch, 4 * hid)
     left = new(2, batch, hid) if flip else new(batch, hid)  # [h̃, h̃ ∘ s] with flipout, else h̃
     s, base, out = torch.ones(batch, hid, device=dev), torch.zeros(batch, hid, device=dev), new(batch, hid)
     d_gates, h_all = new(steps * batch, 4 * hid), new(steps * batch, hid)
-    w_ih_saved, x_saved = _low(w_ih, dtype), _low(x, dtype)  # what autograd saves of the autocast forward
+    w_ih_low, x_low = _low(w_ih, dtype), _low(x, dtype).view(steps * batch, inp)  # what the kernel saves
 
     def run() -> None:
         before = lstm_matmul.PACKED
         if packed is not None:
             lstm_matmul.PACKED = None if packed else False
         try:
-            with _autocast(dev, dtype):
-                F.linear(x, w_ih, bias)
             with torch.autocast(dev.type, enabled=False):  # the kernel casts explicitly
+                pooled = lstm_fused.usable(w, dtype)  # the kernel's pooled buffer where it has one
+                xproj = lstm_fused.project(x, w_ih, dtype, pooled)[0]
+                if pooled:
+                    lstm_fused.release(xproj)
                 gates = lstm_matmul.GateMatmul(w, delta, batch, dtype)
                 for _ in range(steps):
                     gates(xt, left, r)
@@ -158,10 +162,10 @@ def window_matmuls(hid: int, inp: int, batch: int, steps: int, flip: bool, *, pa
                     grad_h(base, dgt, r, s, out)
                 for _ in range(2 if flip else 1):  # dW_hh, and dΔŴ
                     lstm_matmul.low_mm(d_gates.t(), h_all, dtype)
-            grad = _low(d_gates, dtype)  # the projection's backward gets its gradient in its own dtype
-            if input_grad:
-                grad.mm(w_ih_saved)
-            grad.t().mm(x_saved)  # dW_ih
+                grad = _low(d_gates, dtype)  # the gate gradients as the kernel hands them to the products
+                if input_grad:
+                    lstm_matmul.low_mm(grad, w_ih_low, dtype)  # dx
+                lstm_matmul.low_mm(grad.t(), x_low, dtype)  # dW_ih
         finally:
             lstm_matmul.PACKED = before
     return run

@@ -238,3 +238,40 @@ def test_pooled_buffers_give_the_same_results_in_any_order():
         assert torch.equal(a, b)
     lstm_fused.clear_pool()
     assert lstm_fused.POOL.bytes() == 0
+
+
+@needs_fused
+@pytest.mark.skipif(not lstm_matmul.onednn_linear_available(torch.bfloat16), reason="no oneDNN bf16 linear here")
+@pytest.mark.parametrize("flip", ["none", "per_window"])
+def test_bf16_input_projection_is_read_and_differentiated_without_casts(flip):
+    """Under bf16 autocast the C step reads the bf16 input projection as it is, and hands back
+    the bf16 copy of the gate gradients it writes anyway as that projection's gradient: no
+    ``(T, B, 4H)`` cast in either direction, and the float32 factors ``fac`` go back to the pool.
+    The gradient is exactly what a cast would give: the bf16 rounding of the float32 one."""
+    from torch.profiler import ProfilerActivity, profile
+
+    inputs, draws = _case(True, flip, False, "masks", torch.float32)
+    xproj = inputs[0].detach().to(torch.bfloat16).requires_grad_()
+    lstm_fused.clear_pool()
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, (h, c) = lstm_window(xproj, (inputs[1], inputs[2]), inputs[3], draws)
+        (d_x,) = torch.autograd.grad(out.sum() + c.sum(), [xproj])
+    casts = [e.name for e in prof.events() if e.name in ("aten::_to_copy", "aten::copy_")
+             and any(list(s) == [T, B, 4 * H] for s in e.input_shapes)]
+    assert casts == [], casts
+    assert d_x.dtype == torch.bfloat16
+    assert any(t.shape == (T, B, 4 * H) and t.dtype == torch.float32
+               for kept in lstm_fused.POOL.free.values() for t in kept)
+    # the same window with the torch step, whose xproj is cast to float32 and its gradient back
+    lstm_fused.FUSED = False
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            ref_out, (_, ref_c) = lstm_window(xproj, (inputs[1], inputs[2]), inputs[3], draws)
+        (ref_dx,) = torch.autograd.grad(ref_out.sum() + ref_c.sum(), [xproj])
+    finally:
+        lstm_fused.FUSED = None
+        lstm_fused.clear_pool()
+    assert ref_dx.dtype == torch.bfloat16
+    scale = ref_dx.float().abs().max()
+    assert ((d_x.float() - ref_dx.float()).abs().max() / scale).item() < 2.0**-7  # one bf16 ulp

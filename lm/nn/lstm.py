@@ -126,6 +126,9 @@ class LSTMLayer(nn.Module):
 
     def _loop(self, x: torch.Tensor, state: State, noise: RecurrentNoise) -> tuple[torch.Tensor, State]:
         bias = self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0
+        if noise.flip_ih is None:  # the window kernel projects the whole window's input itself
+            draws = draw_window(noise, state[0], x.size(0))
+            return lstm_window(x, state, noise.weight_hh, draws, weight_ih=noise.weight_ih, bias=bias)
         # One matmul for the whole window's input projection (flipout signs broadcast over T).
         xproj = flipout_linear(x, noise.weight_ih, noise.flip_ih, bias)
         draws = draw_window(noise, state[0], x.size(0))

@@ -41,7 +41,7 @@ from lm.nn.lstm_matmul import Packed, use_packed
 FUSED: bool | None = None
 """None (default): the C step wherever it applies; False: always the torch loop."""
 
-F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0 = range(14)  # csrc order
+F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_BIAS = range(15)  # csrc
 B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW = range(12)
 Z_NONE, Z_MASK, Z_SCALAR = 0, 1, 2
 
@@ -52,7 +52,7 @@ class _Slot(ctypes.Structure):
 
 class _Plan(ctypes.Structure):
     _fields_ = [("batch", c_int64), ("hid", c_int64), ("threads", c_int32), ("low", c_int32), ("save", c_int32),
-                ("zc_mode", c_int32), ("zh_mode", c_int32), ("pad", c_int32), ("zc", c_float), ("zh", c_float),
+                ("zc_mode", c_int32), ("zh_mode", c_int32), ("xlow", c_int32), ("zc", c_float), ("zh", c_float),
                 ("s", _Slot * 16)]
 
 
@@ -98,8 +98,9 @@ class _Builder:
 
     def __call__(self, index: int, t: torch.Tensor | float | None, dtype: torch.dtype = torch.float32,
                  out: bool = False) -> None:
-        """Slot ``index`` := ``t``, a ``(B, X)`` tensor (the same every step) or ``(T, B, X)``; an
-        input is converted when needed, an output (``out``) must already be right."""
+        """Slot ``index`` := ``t``, a ``(B, X)`` tensor (the same every step), ``(T, B, X)``, or ``(X,)``
+        (the same for every row and step); an input is converted when needed, an output (``out``)
+        must already be right."""
         if not isinstance(t, torch.Tensor):
             return
         if t.dtype != dtype or t.device.type != "cpu" or t.stride(-1) != 1:
@@ -107,7 +108,7 @@ class _Builder:
                 raise ValueError(f"output slot {index} is {t.dtype} on {t.device} (needs {dtype}, unit stride)")
             t = t.to("cpu", dtype).contiguous()
         self.keep.append(t)
-        row, step = (t.stride(0), 0) if t.dim() == 2 else (t.stride(1), t.stride(0))
+        row, step = (0, 0) if t.dim() == 1 else (t.stride(0), 0) if t.dim() == 2 else (t.stride(1), t.stride(0))
         self.plan.s[index] = _Slot(t.data_ptr(), row, step)
 
 
@@ -165,28 +166,40 @@ def _ptr(x: torch.Tensor | None):
     return None if x is None else x.data_ptr()
 
 
-def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool):
-    """:func:`lm.nn.lstm_kernel._window_forward` on the fused step (same arguments and results)."""
+def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool, bias=None,
+                   projected: bool = False):
+    """:func:`lm.nn.lstm_kernel._window_forward` on the fused step (same arguments and results),
+    plus ``bias`` ``(4H,)``, which the C step adds to ``xproj`` when given.
+
+    ``xproj`` may be bfloat16 when ``low`` is (autocast's input projection): the C step reads it
+    as it is. Its gradient is then the bfloat16 copy of the gate gradients that backward writes
+    anyway (:func:`window_backward`), so ``fac`` never leaves the module and is pooled. The same
+    holds when the window ``projected`` its input itself (:func:`project`)."""
     lib = library()
     steps, batch, h4 = xproj.shape
     hid = h4 // 4
-    xproj = xproj.to(torch.float32).contiguous()
-    new = lambda *shape, dtype=torch.float32: xproj.new_empty(*shape, dtype=dtype)  # noqa: E731
-    hall, call = new(steps + 1, batch, hid), POOL.take(xproj, steps + 1, batch, hid)
+    xlow = low is not None and xproj.dtype == low
+    xproj = xproj.contiguous() if xlow else xproj.to(torch.float32).contiguous()
+    new = lambda *shape, dtype=torch.float32: w.new_empty(*shape, dtype=dtype)  # noqa: E731
+    hall, call = new(steps + 1, batch, hid), POOL.take(w, steps + 1, batch, hid)
     hall[0], call[0] = h0, c0
     fac = aux = left_all = None
     if save:
-        fac, aux = new(steps, batch, h4), POOL.take(xproj, steps, batch, 2 * hid)
+        fac = POOL.take(w, steps, batch, h4) if xlow or projected else new(steps, batch, h4)
+        aux = POOL.take(w, steps, batch, 2 * hid)
     flip = delta is not None
     ldt = low or torch.float32  # the left operands are kept in the matmuls' dtype
     if flip:
-        left_all = POOL.take(xproj, 2, steps, batch, hid, dtype=ldt) if save else new(2, 1, batch, hid, dtype=ldt)
+        left_all = POOL.take(w, 2, steps, batch, hid, dtype=ldt) if save else new(2, 1, batch, hid, dtype=ldt)
     elif mask is not None:
-        left_all = POOL.take(xproj, steps, batch, hid, dtype=ldt) if save else new(1, batch, hid, dtype=ldt)
+        left_all = POOL.take(w, steps, batch, hid, dtype=ldt) if save else new(1, batch, hid, dtype=ldt)
     left0 = None if left_all is None else left_all[0] if flip else left_all
     left1 = left_all[1] if flip else None
     slot = _Builder(batch, hid, low, save, zc, zh)
-    for index, t in ((F_X, xproj), (F_R, r), (F_C, call), (F_H, hall), (F_CELL, cell), (F_ZC, zc), (F_ZH, zh),
+    slot.plan.xlow = int(xlow)
+    slot(F_X, xproj, xproj.dtype)
+    slot(F_BIAS, bias)
+    for index, t in ((F_R, r), (F_C, call), (F_H, hall), (F_CELL, cell), (F_ZC, zc), (F_ZH, zh),
                      (F_FAC, fac), (F_AUX, aux), (F_MASK, mask), (F_S, s)):
         slot(index, t)
     for index, t in ((F_LEFT0, left0), (F_LEFT1, left1)):  # one reused buffer when nothing is saved
@@ -209,12 +222,27 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     return hall, c_last, fac, aux, left_all if save else None, None
 
 
-def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low):
+def project(x: torch.Tensor, w_ih: torch.Tensor, low: torch.dtype | None, pooled: bool = True):
+    """``(x W_ihᵀ, x', W_ih')``: the input projection ``(T, B, 4H)`` without its bias, in a pooled
+    buffer (unless not ``pooled``), and the operands it multiplied (``x``, ``W_ih`` cast to ``low`` as
+    autocast's ``F.linear`` casts them, or as they are), which its gradients need. The caller hands
+    the buffer back (:func:`release`) once the window's forward has read it: at the char size a
+    fresh ``(T, B, 4H)`` buffer costs more in page faults than the projection's matmul itself."""
+    steps, batch = x.shape[:2]
+    shape, dtype = (steps, batch, w_ih.shape[0]), low or w_ih.dtype
+    out = POOL.take(w_ih, *shape, dtype=dtype) if pooled else w_ih.new_empty(*shape, dtype=dtype)
+    xl, wl = (x, w_ih) if low is None else (x.to(low), w_ih.to(low))
+    torch.mm(xl.reshape(steps * batch, -1), wl.t(), out=out.view(steps * batch, -1))
+    return out, xl, wl
+
+
+def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low, fresh_low: bool = False):
     """The step loop of :meth:`lm.nn.lstm_kernel._LSTMWindow._backward` on the fused step: turns
     ``fac`` into the gate gradients in place and returns ``(dh_0, dc_0, dgates_low)``, the last
     the window's gate gradients ``(T, B, 4H)`` already in ``low`` for the weight gradients (None
     in float32). The caller hands ``aux``, the left operands and ``dgates_low`` to
-    :func:`release` once its weight gradients are done."""
+    :func:`release` once its weight gradients are done; with ``fresh_low`` ``dgates_low`` is a new
+    buffer (it leaves as the bfloat16 input projection's gradient) and ``fac`` goes to the pool instead."""
     lib = library()
     steps, batch, h4 = fac.shape
     hid = h4 // 4
@@ -227,7 +255,8 @@ def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low):
                      (B_DHALL, d_hall), (B_DH, dh2), (B_DC, dc2)):
         slot(index, t)
     signed = fac.new_empty(batch, h4, dtype=low or torch.float32) if flip else None
-    dglow = POOL.take(fac, steps, batch, h4, dtype=low) if low is not None else None
+    dglow = None if low is None else fac.new_empty(steps, batch, h4, dtype=low) if fresh_low else \
+        POOL.take(fac, steps, batch, h4, dtype=low)
     slot(B_SIGNED, signed, low or torch.float32, out=True)
     slot(B_DGLOW, dglow, low or torch.float32, out=True)
     lin = [Packed(transposed(m.to(low or m.dtype)), batch) for m in ((w,) if delta is None else (w, delta))]
@@ -243,6 +272,6 @@ def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low):
 
 
 def release(*buffers: torch.Tensor | None) -> None:
-    """Hand a finished window's ``aux``, left operands and low-precision gate gradients to the pool
-    (after its backward)."""
+    """Hand a finished window's ``aux``, left operands and low-precision gate gradients (or, where
+    those left as the input projection's gradient, ``fac``) to the pool (after its backward)."""
     POOL.give(*buffers)

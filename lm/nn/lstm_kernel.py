@@ -25,8 +25,8 @@ that is T large outer products and T passes over a ``4H x H`` buffer. The window
 Mixed precision (under ``torch.autocast`` with bfloat16 or float16, :mod:`lm.nn.precision`): the
 kernel switches autocast off for itself and runs only the matmuls in the low dtype -- the
 per-step products (:mod:`lm.nn.lstm_matmul`) and the window's two weight-gradient products --
-with float32 accumulation. The input projection arrives in the low dtype and is taken to
-float32; the state, the gates, the cell update, the saved backward factors and the whole
+with float32 accumulation. The input projection arrives in the low dtype (the fused step reads
+it so, the torch step takes it to float32) and its gradient goes back in it; the state, the gates, the cell update, the saved backward factors and the whole
 element-wise backward stay float32, as do the outputs and the gradients handed back.
 """
 
@@ -54,9 +54,11 @@ def _steps(x, steps: int) -> list:
     return [x] * steps
 
 
-def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool):
+def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool, bias=None,
+                    projected: bool = False):
     """The forward recurrence of one window (``delta``: ``ΔŴ`` ``(4H, H)`` with flipout, else None;
-    ``low``: the dtype of the matmuls under mixed precision, else None).
+    ``low``: the dtype of the matmuls under mixed precision, else None; ``bias`` ``(4H,)``, added
+    to ``xproj`` when given; ``projected``: the window made ``xproj`` itself, see :class:`_LSTMWindow`).
 
     Returns ``hall`` ``(T+1, B, H)`` (``h0``, then every ``h_t``), ``c_T``, and, when ``save``,
     what backward needs (else None): ``fac`` ``(T, B, 4H)``, the derivative factors of the four
@@ -73,7 +75,9 @@ def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save
     each step's element-wise work fused into one C call; below is the torch loop it replaces.
     """
     if lstm_fused.usable(w, low):
-        return lstm_fused.window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save)
+        return lstm_fused.window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias,
+                                         projected)
+    xproj = xproj.to(w.dtype) if bias is None else xproj.to(w.dtype) + bias  # it may arrive in `low`
     steps, batch, h4 = xproj.shape
     hid = h4 // 4
     new = lambda *shape: xproj.new_empty(*shape)  # noqa: E731
@@ -148,6 +152,12 @@ def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save
 class _LSTMWindow(torch.autograd.Function):
     """The recurrence of one window with a hand-written backward (see the module docstring).
 
+    Its first input is either the input projection ``xproj`` ``(T, B, 4H)`` (``w_ih`` None) or,
+    with ``w_ih`` ``(4H, in)`` and ``b`` ``(4H,)``, the layer's input ``x`` ``(T, B, in)``, which the
+    window projects itself: on the fused step into a pooled buffer, with the bias added by the C
+    step, and its backward computes ``dx``, ``dW_ih`` and ``db`` from the gate gradients, so that
+    neither ``xproj`` nor ``fac`` leaves the kernel and both are reused from window to window.
+
     Backward overwrites its saved factors with the gate gradients (saving a fresh ``(T, B, 4H)``
     buffer), so a second backward through the same graph (``retain_graph=True``) is refused with
     an error. Flipout signs must be exactly ±1 (as :meth:`Flip.sample` draws them): ``dΔ`` flips
@@ -155,12 +165,16 @@ class _LSTMWindow(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low):
+    def forward(ctx, xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh, low):
+        proj, fused = w_ih is not None, lstm_fused.usable(w, low)
+        xproj, xl, wl = lstm_fused.project(xin, w_ih, low, pooled=fused) if proj else (xin, None, None)
         hall, c, fac, aux, left, stacked = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low,
-                                                           save=True)
-        ctx.low = low
+                                                           save=True, bias=b, projected=proj)
+        if proj and fused:
+            lstm_fused.release(xproj)  # read by now; the backward needs x and W_ih, not xproj
+        ctx.low, ctx.x_dtype, ctx.proj = low, xin.dtype, proj
         zc_t, zh_t = (z if isinstance(z, torch.Tensor) else None for z in (zc, zh))
-        ctx.save_for_backward(hall, fac, aux, left, w, delta, stacked, s, r, mask, zc_t, zh_t)
+        ctx.save_for_backward(hall, fac, aux, left, w, delta, stacked, s, r, mask, zc_t, zh_t, xl, wl)
         ctx.zone = (zc, zh) if zc_t is None or zh_t is None else None  # floats (eval expectation) or None
         return hall, c
 
@@ -173,7 +187,7 @@ class _LSTMWindow(torch.autograd.Function):
     def _backward(ctx, d_hall, d_c):
         low = ctx.low
         try:
-            hall, fac, aux, left, w, delta, stacked, s, r, mask, zc, zh = ctx.saved_tensors
+            hall, fac, aux, left, w, delta, stacked, s, r, mask, zc, zh, xl, wl = ctx.saved_tensors
         except RuntimeError as e:
             if "modified by an inplace operation" not in str(e):
                 raise
@@ -184,8 +198,11 @@ class _LSTMWindow(torch.autograd.Function):
             zc = zc if zc is not None else ctx.zone[0]
             zh = zh if zh is not None else ctx.zone[1]
         fused, dg_low = lstm_fused.usable(w, low), None
+        # an xproj that came in `low` gets its gradient in `low`: the C step's bf16 copy of dgates
+        x_low = not ctx.proj and ctx.x_dtype == low
         if fused:
-            dh, dc, dg_low = lstm_fused.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low)
+            dh, dc, dg_low = lstm_fused.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low,
+                                                        fresh_low=x_low)
         else:
             dh, dc = _backward_loop(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked, low)
         h4, hid = w.shape
@@ -193,18 +210,29 @@ class _LSTMWindow(torch.autograd.Function):
         # the fused step hands the gate gradients back in bf16 too (dg_low), so no cast here
         d_gates = (fac if dg_low is None else dg_low).view(-1, h4)
         hr = hall[:-1] if left is None else left[0] if delta is not None else left
-        d_w = _weight_grad(d_gates, hr.reshape(-1, hid), low) if need[3] else None
+        d_w = _weight_grad(d_gates, hr.reshape(-1, hid), low) if need[5] else None
         d_delta = None
-        if delta is not None and need[4] and dg_low is not None:
+        if delta is not None and need[6] and dg_low is not None:
             d_delta = _weight_grad((dg_low * r.to(dg_low.dtype)).view(-1, h4), left[1].reshape(-1, hid), low)
-        elif delta is not None and need[4]:
+        elif delta is not None and need[6]:
             # dΔ = Σ_t (dgates ∘ r)ᵀ (h̃ ∘ s): flip the signs of dgates in place and back (r ∘ r = 1 exactly)
             fac.mul_(r)
             d_delta = _weight_grad(d_gates, left[1].reshape(-1, hid), low)
             fac.mul_(r)
+        d_x = d_w_ih = d_b = None
+        if ctx.proj:  # xproj = x' W_ih'ᵀ + b (lm.nn.lstm_fused.project)
+            d_b = fac.view(-1, h4).sum(0) if need[2] else None
+            d_w_ih = _weight_grad(d_gates, xl.reshape(-1, xl.shape[-1]), low) if need[1] else None
+            if need[0]:
+                d_x = low_mm(d_gates, wl, low).view(*xl.shape).to(ctx.x_dtype)
+            spent = fac
+        elif x_low and dg_low is not None:
+            d_x, dg_low, spent = dg_low, None, fac
+        else:
+            d_x, spent = fac.to(ctx.x_dtype), None
         if fused:
-            lstm_fused.release(aux, left, dg_low)
-        return (fac, dh if need[1] else None, dc if need[2] else None, d_w, d_delta,
+            lstm_fused.release(aux, left, dg_low, spent)
+        return (d_x, d_w_ih, d_b, dh if need[3] else None, dc if need[4] else None, d_w, d_delta,
                 None, None, None, None, None, None, None)
 
 
@@ -255,22 +283,42 @@ def _weight_grad(d_gates: torch.Tensor, left: torch.Tensor, low: torch.dtype | N
     return low_mm(d_gates.t(), left, low).float()
 
 
-def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor,
-                draws: WindowDraws) -> tuple[torch.Tensor, State]:
+def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor, draws: WindowDraws, *,
+                weight_ih: torch.Tensor | None = None, bias: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, State]:
     """The fast recurrence of one window; same arguments and results as :func:`reference_loop`.
+
+    With ``weight_ih`` ``(4H, in)`` (and ``bias`` ``(4H,)``), the first argument is the layer's
+    input ``x`` ``(T, B, in)`` instead, and the window computes ``xproj = x W_ihᵀ + b`` itself
+    (see :class:`_LSTMWindow`: on the fused step no ``(T, B, 4H)`` buffer is allocated afresh).
 
     Under ``torch.autocast`` (bf16/fp16) the matmuls run in that dtype and everything else in
     the weights' float32 (see the module docstring); outputs and state come back in float32."""
     delta, s, r = _flip_parts(draws.flip)
     device = xproj.device.type
     low = autocast_dtype(device) if weight_hh.dtype == torch.float32 else None
-    if low is not None:
-        xproj = xproj.to(weight_hh.dtype)  # the input projection comes out of autocast in `low`
-    args = (xproj, state[0], state[1], weight_hh, delta, s, r, draws.hidden_mask, draws.cell_mask,
-            draws.zoneout_c, draws.zoneout_h)
+    # under autocast the input projection arrives in `low` and stays so: the fused step reads it
+    # directly, the torch step casts it (_window_forward); the gradient goes back in `low`
+    if weight_ih is not None and bias is None:
+        bias = weight_ih.new_zeros(weight_ih.shape[0])
+    args = (xproj, weight_ih, bias, state[0], state[1], weight_hh, delta, s, r, draws.hidden_mask,
+            draws.cell_mask, draws.zoneout_c, draws.zoneout_h)
     with autocast_off(device):  # the kernel casts explicitly; autocast would break out=
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             hall, c = _LSTMWindow.apply(*args, low)
         else:
-            hall, c = _window_forward(*args, low, save=False)[:2]
+            hall, c = _forward_only(*args, low)
     return hall[1:], (hall[-1], c)
+
+
+def _forward_only(xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh, low):
+    """The window without a graph (evaluation): :func:`_window_forward`, projecting ``xin`` first
+    when ``w_ih`` is given."""
+    if w_ih is None:
+        return _window_forward(xin, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save=False)[:2]
+    fused = lstm_fused.usable(w, low)
+    xproj = lstm_fused.project(xin, w_ih, low, pooled=fused)[0]
+    out = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save=False, bias=b)[:2]
+    if fused:
+        lstm_fused.release(xproj)
+    return out

@@ -9,7 +9,8 @@
  * A gate-shaped operand ((B, 4H): gate pre-activations, signs r, saved factors) holds gate j at
  * column j*H of each row. Element-wise state and factors are float32; the matmul products (p0,
  * p1), the left operands made for the next matmul (LEFT, LOW) and the gate gradients copied for
- * the products (SIGNED, DGLOW) are float32 or, with `low`, bfloat16.
+ * the products (SIGNED, DGLOW) are float32 or, with `low`, bfloat16; the input projection X is
+ * float32 or, with `xlow`, bfloat16 as autocast's matmul hands it over (read without a cast pass).
  *
  * Compiled with -O3 -march=native -fno-math-errno -fopenmp (lm/nn/cext.py). The two declarations
  * below let gcc call glibc's vector expf / tanhf (libmvec, glibc >= 2.35 for tanhf), so each loop
@@ -29,7 +30,7 @@ float tanhf(float);
 typedef struct { void *base; int64_t row; int64_t step; } Slot;
 
 enum {  /* forward slots */
-    F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_N
+    F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_BIAS, F_N
 };
 enum {  /* backward slots */
     B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW, B_N
@@ -38,7 +39,7 @@ enum { Z_NONE = 0, Z_MASK = 1, Z_SCALAR = 2 };
 
 typedef struct {
     int64_t batch, hid;
-    int32_t threads, low, save, zc_mode, zh_mode, pad;
+    int32_t threads, low, save, zc_mode, zh_mode, xlow;  /* xlow: X is bfloat16 */
     float zc, zh;     /* zoneout expectations (Z_SCALAR) */
     Slot s[16];
 } Plan;
@@ -128,12 +129,14 @@ void lstm_left(const Plan *p, int64_t t) {
     for (int64_t b = 0; b < p->batch; b++) left_row(p, t, b);
 }
 
-/* Forward step t: gates = X_t + p0 + p1 ∘ r, the cell and hidden updates (with the cell mask and
+/* Forward step t: gates = X_t (+ BIAS, a (4H) vector, when the window projects its input
+ * itself) + p0 + p1 ∘ r, the cell and hidden updates (with the cell mask and
  * zoneout), the saved derivative factors (lm/nn/lstm_kernel.py's _window_forward docstring), and
  * step t+1's left operands. */
 static void fwd_row(const Plan *p, int64_t t, int64_t b, const void *p0, const void *p1) {
     const int64_t n = p->hid;
-    const float *x = AT(p, F_X, t, b), *r = HAS(p, F_R) ? AT(p, F_R, t, b) : 0;
+    const float *r = HAS(p, F_R) ? AT(p, F_R, t, b) : 0, *bias = HAS(p, F_BIAS) ? AT(p, F_BIAS, 0, 0) : 0;
+    const void *x = p->xlow ? (const void *)AT16(p, F_X, t, b) : (const void *)AT(p, F_X, t, b);
     const float *c = AT(p, F_C, t, b), *h = AT(p, F_H, t, b);
     const float *d = HAS(p, F_CELL) ? AT(p, F_CELL, t, b) : 0;
     const float *zcm = p->zc_mode == Z_MASK ? AT(p, F_ZC, t, b) : 0;
@@ -148,8 +151,9 @@ static void fwd_row(const Plan *p, int64_t t, int64_t b, const void *p0, const v
         const int64_t m = MIN(K, n - k0);
         for (int j = 0; j < 4; j++) {
             float *aj = a[j];
-            const float *xj = x + j * n + k0;
-            LOOP aj[k] = xj[k];
+            if (p->xlow) { const uint16_t *xj = (const uint16_t *)x + j * n + k0; LOOP aj[k] = bf16_to_f32(xj[k]); }
+            else { const float *xj = (const float *)x + j * n + k0; LOOP aj[k] = xj[k]; }
+            if (bias) { const float *bj = bias + j * n + k0; LOOP aj[k] += bj[k]; }
             if (p0) add_from(aj, p0, b * 4 * n + j * n + k0, 0, m, p->low);
             if (p1) add_from(aj, p1, b * 4 * n + j * n + k0, r + j * n + k0, m, p->low);
         }
