@@ -21,10 +21,15 @@ No element-wise work of the recurrence, no mask draws, no Python bookkeeping: th
 own ``add``/``addcmul`` into the gate buffer stay, since the layer issues them that way.
 :func:`lstm_reference` is ``nn.LSTM``'s forward + backward of the same layers (oneDNN on CPU,
 cuDNN on CUDA), which does all of a layer's work, element-wise included. The *layer floor* is
-``nn.LSTM time / matmul time``; :func:`model_floors` also times the decoder's three matmuls
-(forward, ``dh``, ``dW``), which both models run alike, and adds them to both sides: the
-*model floor* ``(nn.LSTM + decoder) / (matmuls + decoder)`` counts every matmul of a training
-step (an embedding is a lookup, a one-hot input is part of the first layer's projection).
+``nn.LSTM time / matmul time``. A training step does more than its layers: the loss, the
+embedding lookup, the decoder, clipping and the optimizer, the same in both models. So
+:func:`model_floors` also times the reference ``nn.LSTM`` model's whole training step ``S``: its
+rest ``E = S - L`` is added to both sides, and the *model floor* ``(L + E) / (M + E)`` =
+``S / (S - L + M)`` is the ratio of a model whose layers did nothing but their matmuls. Leaving
+``E`` out overstates the floor above 1 and understates it below 1 (flipout), where measured
+ratios then beat it. The decoder's three matmuls ``D`` (forward, ``dh``, ``dW``; inside ``E``)
+are timed too, for the former definition ``(L + D) / (M + D)``: every matmul of a step and
+nothing else (an embedding is a lookup, a one-hot input is part of the first layer's projection).
 
 Precision (``dtype`` bf16 or fp16): the matmuls run as the kernel runs them under autocast: the
 decoder under ``torch.autocast`` (as autograd runs ``F.linear``), the input projection, the
@@ -215,34 +220,60 @@ def decoder_matmuls(hid: int, vocab: int, batch: int, steps: int, *, dtype: torc
     return run
 
 
+def step_floor(l: float, m: float, rest: float) -> float:
+    """One round's model floor ``(L + E) / (M + E)``: ``l`` the layers' ``nn.LSTM`` time, ``m``
+    their matmuls' time, ``rest`` the rest of the step ``E`` (0 gives the layer floor ``L / M``;
+    the larger the rest, the nearer the floor is to 1, from either side)."""
+    return (l + rest) / (m + rest)
+
+
+def step_rest(step: float, layers: float) -> float:
+    """The rest of a training step, ``E = S - L``, clamped at 0: ``S`` and ``L`` are timed apart
+    (``L`` as the mean of its two neighbouring timings), and where the layers are nearly the
+    whole step noise can make ``S < L``; a negative rest would push the floor past ``L / M``."""
+    return max(step - layers, 0.0)
+
+
 def model_floors(inp: int, hid: int, layers: int, vocab: int, batch: int, steps: int, *, onehot: bool,
                  kinds: tuple[str, ...] = ("plain", "flipout"), rounds: int = 3,
-                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu") -> dict[str, dict]:
+                 dtype: torch.dtype | None = None, device: torch.device | str = "cpu",
+                 step: Fn | None = None) -> dict[str, dict]:
     """The floors of a language model: ``layers`` LSTM layers of ``hid`` units on ``inp`` inputs,
     a ``hid -> vocab`` decoder, windows of ``steps x batch``; ``onehot``: the first layer's input
-    needs no gradient. For each kind ('plain': the window kernel without flipout; 'flipout')::
+    needs no gradient; ``step``: the reference ``nn.LSTM`` model's whole training step, if given.
+    For each kind ('plain': the window kernel without flipout; 'flipout')::
 
-        {"matmul_floor": median over rounds of (L + D) / (M + D),
+        {"matmul_floor": median over rounds of (L + E) / (M + E) (:func:`step_floor`),
+         "matmuls_only_floor": median over rounds of (L + D) / (M + D),
          "layer_floor":  median over rounds of L / M,
-         "floor_rounds": the per-round model floors, "floor_ms": medians of L, M and D}
+         "floor_rounds": the per-round values of matmul_floor,
+         "floor_ms": medians of L, M, D and (with ``step``) S and E}
 
     with ``L`` ``nn.LSTM``'s forward + backward of the layers, ``M`` the window kernel's
-    matmuls of the layers, ``D`` the decoder's matmuls, timed in interleaved rounds (one
-    warm-up call each first)."""
+    matmuls of the layers, ``D`` the decoder's matmuls, ``S`` the ``step`` and ``E`` its rest,
+    ``S`` minus the mean of the two ``L`` timings around it in its round, clamped at 0
+    (:func:`step_rest`). All are timed in interleaved rounds, one warm-up call each first. Without
+    ``step`` there is no ``E``, and ``matmul_floor`` falls back to ``matmuls_only_floor``."""
     reference = lstm_reference(inp, hid, layers, batch, steps, dtype=dtype, device=device, input_grad=not onehot)
     runs = {kind: window_stack(inp, hid, layers, batch, steps, kind == "flipout", onehot=onehot, dtype=dtype,
                                device=device) for kind in kinds}
     runs["decoder"] = decoder_matmuls(hid, vocab, batch, steps, dtype=dtype, device=device)
+    if step is not None:
+        runs["step"] = step
     for fn in (reference, *runs.values()):
         fn()
     t = interleave(reference, runs, rounds, device)
     dec = t.own["decoder"]
+    rest = [step_rest(s, ls) for s, ls in zip(t.own["step"], t.ref["step"])] if step is not None else None
+    ms = lambda xs: statistics.median(xs) * 1e3  # noqa: E731
     out = {}
     for kind in kinds:
-        model = [(r + d) / (m + d) for r, m, d in zip(t.ref[kind], t.own[kind], dec)]
-        out[kind] = {"matmul_floor": statistics.median(model), "layer_floor": statistics.median(t.ratios(kind)),
-                     "floor_rounds": model,
-                     "floor_ms": {"nn_lstm_layers": statistics.median(t.ref[kind]) * 1e3,
-                                  "window_matmuls": statistics.median(t.own[kind]) * 1e3,
-                                  "decoder_matmuls": statistics.median(dec) * 1e3}}
+        matmuls_only = [(r + d) / (m + d) for r, m, d in zip(t.ref[kind], t.own[kind], dec)]
+        model = matmuls_only if rest is None else [step_floor(r, m, e) for r, m, e in
+                                                   zip(t.ref[kind], t.own[kind], rest)]
+        times = {"nn_lstm_layers": ms(t.ref[kind]), "window_matmuls": ms(t.own[kind]), "decoder_matmuls": ms(dec)}
+        if rest is not None:
+            times.update(nn_lstm_step=ms(t.own["step"]), rest=ms(rest))
+        out[kind] = {"matmul_floor": statistics.median(model), "matmuls_only_floor": statistics.median(matmuls_only),
+                     "layer_floor": statistics.median(t.ratios(kind)), "floor_rounds": model, "floor_ms": times}
     return out

@@ -19,9 +19,10 @@ window-wide weight-gradient matmuls, with no other work, against ``nn.LSTM``'s f
 backward of the same layer (oneDNN on CPU). The ratio ``nn.LSTM / matmuls only`` is the best
 training ratio a window kernel built on these matmuls can reach: element-wise work, mask draws
 and Python only lower it. Timings are interleaved (R, plain, R, flipout, R, ..., the order
-rotating per round) and the median of the per-round ratios is printed. The code is
-:mod:`bench._floor`, which ``bench/throughput.py`` also uses for its ``matmul_floor`` column
-(there for whole models, with the decoder's matmuls added on both sides).
+rotating per round) and the median of the per-round ratios is printed: the *layer floor*. The
+code is :mod:`bench._floor`, which ``bench/throughput.py`` also uses: its ``layer_floor`` is this
+ratio for a model's layers, its ``matmul_floor`` adds the rest of a training step (loss, decoder,
+optimizer...) to both sides.
 
     python bench/flipout_gemm.py --threads 2
     python bench/flipout_gemm.py --threads 1 --sizes 500 1000 --batch 32

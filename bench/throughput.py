@@ -24,26 +24,26 @@ What is measured (random tokens; speed does not depend on the data):
 * matmul floor (``matmul_floor``): the training ratio to ``nn.LSTM`` that the window kernel's
   matmuls alone would give, measured in the same run (:mod:`bench._floor`, the same matmuls as
   ``bench/flipout_gemm.py --window``, issued as the layer issues them in this precision and on
-  the backend it picks): every matmul of a training step, i.e. ``(L + D) / (M + D)`` with ``L``
-  ``nn.LSTM``'s forward + backward of the model's layers, ``M`` the window kernel's matmuls of
-  those layers (input projection and its gradients, per-step products with their weight
-  reorders, ``dW_hh``; with flipout the ``ΔŴ`` products and ``dΔŴ``) and ``D`` the decoder's three
-  matmuls, common to both models. ``layer_floor`` is ``L / M``, the recurrent layers alone, the
-  definition of ``flipout_gemm --window`` (the two agree where the decoder is small: char).
+  the backend it picks): ``S / (S - L + M) = (L + E) / (M + E)``, with ``S`` the ``nn_lstm``
+  model's whole training step, ``L`` ``nn.LSTM``'s forward + backward of its layers, ``M`` the
+  window kernel's matmuls of those layers (input projection and its gradients, per-step products
+  with their weight reorders, ``dW_hh``; with flipout the ``ΔŴ`` products and ``dΔŴ``) and
+  ``E = S - L`` the rest of the step (loss, embedding, decoder, clipping, optimizer), the same in
+  both models. ``matmuls_only_floor`` is the former ``(L + D) / (M + D)``, ``D`` the decoder's
+  three matmuls: every matmul of the step, no other work. ``layer_floor`` is ``L / M``, the layers
+  alone, the definition of ``flipout_gemm --window``.
   Regularizers on the flipout window kernel (wd_flipout, gauss_flipout) get the flipout floor,
   the other window regularizers (variational, semeniuta, zoneout) the plain one; models on
   nn.LSTM's own kernel ('fused') get 1 by definition, not a measurement of nn.LSTM against
-  itself. The table's "of floor" is the measured ratio over the floor. The floor leaves out the
-  rest of the step (loss, clipping, optimizer, embedding lookup), which costs the same on both
-  sides and pulls the measured ratio towards 1, so where the floor is below 1 the ratio can
-  pass it slightly ("of floor" above 1), most likely at word size.
+  itself. The table's "of floor" is the measured ratio over the floor (above 1 only by noise).
 
 Robust ratios on a noisy machine: after warm-up, every round times each regularizer between two
 timings of the reference (R, A, R, B, R, ...; the order of the regularizers rotates from round to
 round); a regularizer's ratio in a round is the mean of its two neighbouring reference times
 divided by its own time, and the reported ratio is the median over rounds. Tokens/s are medians
 of the individual timings. The floors are timed the same way after the evaluation rounds: R, plain
-matmuls, R, flipout matmuls, R, decoder matmuls, R (R: ``nn.LSTM``'s layers), one floor per size,
+matmuls, R, flipout matmuls, R, decoder matmuls, R, ``S``, R (R: ``nn.LSTM``'s layers ``L``; ``E`` per
+round is ``S`` minus the mean of its two neighbouring Rs, clamped at 0), one floor per size,
 precision and kind, shared by the regularizers of that kind; ``--no-floor`` skips them.
 
 Regularizer rates (:func:`regularizers`): the paper's -- variational ``hidden_p`` 0.25, semeniuta
@@ -59,10 +59,10 @@ mem_ratio_vs_nn_lstm, threads, rounds, train_ratios`` (every round's training ra
 included: on a shared machine
 other processes' load slows nn.LSTM more than the window kernel, so compare runs at similar load)
 and ``precision`` (fp32, bf16 or fp16); ``floor_kind`` ('nn.LSTM', 'fused', 'plain', 'flipout'),
-``matmul_floor`` and ``layer_floor`` (1.0 for 'nn.LSTM' and 'fused'; null with ``--no-floor``),
-``floor_rounds`` (every round's model floor; empty unless measured) and ``floor_ms`` (medians of
-``L``, ``M`` and ``D`` in ms, keys ``nn_lstm_layers``, ``window_matmuls``, ``decoder_matmuls``; null
-unless measured).
+``matmul_floor``, ``matmuls_only_floor`` and ``layer_floor`` (1.0 for 'nn.LSTM' and 'fused'; null
+with ``--no-floor``), ``floor_rounds`` (every round's ``matmul_floor``; empty unless measured) and
+``floor_ms`` (medians in ms of ``L``, ``M``, ``D``, ``S`` and ``E``, keys ``nn_lstm_layers``,
+``window_matmuls``, ``decoder_matmuls``, ``nn_lstm_step``, ``rest``; null unless measured).
 
 Mixed precision (``--precision bf16``, or a list such as ``fp32,bf16``): every model, ``nn.LSTM``
 included, runs its forward pass under the same autocast policy (:mod:`lm.nn.precision`; fp16
@@ -261,12 +261,14 @@ def floor_kind(runner: Runner) -> str:
     return "flipout" if noise.flip_hh is not None else "plain"
 
 
-def floors(size: Size, kinds: Sequence[str], rounds: int, device: torch.device, precision: str) -> dict[str, dict]:
-    """The matmul floors of ``size``'s model for the window kinds in ``kinds`` (bench/_floor.py)."""
+def floors(size: Size, kinds: Sequence[str], rounds: int, device: torch.device, precision: str,
+           step: Callable[[], None]) -> dict[str, dict]:
+    """The matmul floors of ``size``'s model for the window kinds in ``kinds`` (bench/_floor.py);
+    ``step``: the reference model's training step, whose rest beyond its layers both sides share."""
     m = size.model
     return model_floors(size.vocab if m.input == "onehot" else m.emb_size, m.hidden_size, m.num_layers, size.vocab,
                         size.batch, size.bptt, onehot=m.input == "onehot", kinds=tuple(kinds), rounds=rounds,
-                        dtype=LOW_DTYPES.get(precision), device=device)
+                        dtype=LOW_DTYPES.get(precision), device=device, step=step)
 
 
 def interleaved(runners: dict[str, Runner], step: str, rounds: int, device: torch.device) -> dict[str, dict]:
@@ -297,7 +299,7 @@ def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int,
     measured = {}
     if floor and window:
         log(f"[{size.name}] matmul floors: {', '.join(window)} ({rounds} rounds)")
-        measured = floors(size, window, rounds, device, precision)
+        measured = floors(size, window, rounds, device, precision, runners[REFERENCE].train_step)
     log(f"[{size.name}] peak memory")
     load = list(os.getloadavg())  # 1, 5, 15-minute load averages after the timings
     records = []
@@ -321,10 +323,11 @@ def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int,
 def floor_fields(kind: str, measured: dict[str, dict], floor: bool) -> dict:
     """A record's floor keys: measured for the window kinds, 1 by definition for nn.LSTM's kernel."""
     if not floor:
-        return {"matmul_floor": None, "layer_floor": None, "floor_rounds": [], "floor_ms": None}
+        return {"matmul_floor": None, "matmuls_only_floor": None, "layer_floor": None, "floor_rounds": [],
+                "floor_ms": None}
     if kind in measured:
         return measured[kind]
-    return {"matmul_floor": 1.0, "layer_floor": 1.0, "floor_rounds": [], "floor_ms": None}
+    return {"matmul_floor": 1.0, "matmuls_only_floor": 1.0, "layer_floor": 1.0, "floor_rounds": [], "floor_ms": None}
 
 
 def format_table(records: list[dict]) -> str:

@@ -60,13 +60,15 @@ def test_tiny_run_writes_json(throughput, tmp_path, capsys):
     kinds = {"nn_lstm": "nn.LSTM", "none": "fused", "variational": "plain", "zoneout": "plain", "wd_flipout": "flipout"}
     for r in records:
         assert r["floor_kind"] == kinds[r["name"]], r
-        for key in ("matmul_floor", "layer_floor"):
+        for key in ("matmul_floor", "matmuls_only_floor", "layer_floor"):
             assert math.isfinite(r[key]) and r[key] > 0, r
         if r["floor_kind"] in ("nn.LSTM", "fused"):  # nn.LSTM's own kernel: 1 by definition, not measured
-            assert r["matmul_floor"] == r["layer_floor"] == 1.0 and r["floor_ms"] is None
+            assert r["matmul_floor"] == r["matmuls_only_floor"] == r["layer_floor"] == 1.0 and r["floor_ms"] is None
         else:
-            assert set(r["floor_ms"]) == {"nn_lstm_layers", "window_matmuls", "decoder_matmuls"}
-            assert all(v > 0 for v in r["floor_ms"].values()) and len(r["floor_rounds"]) == r["rounds"]
+            ms = r["floor_ms"]
+            assert set(ms) == {"nn_lstm_layers", "window_matmuls", "decoder_matmuls", "nn_lstm_step", "rest"}
+            assert all(v > 0 for k, v in ms.items() if k != "rest") and ms["rest"] >= 0
+            assert len(r["floor_rounds"]) == r["rounds"]
         lo, hi = min(r["train_ratios"]), max(r["train_ratios"])
         row = (f"| {r['size']} | fp32 | {r['name']} | {r['kernel']} | {r['train_tokens_per_s']:,.0f} | "
                f"{r['ratio_vs_nn_lstm']:.2f} ({lo:.2f}-{hi:.2f}) | {r['matmul_floor']:.2f} | "
@@ -83,7 +85,7 @@ def test_no_floor_leaves_the_columns_empty(throughput, tmp_path, capsys):
     assert throughput.main(["--tiny", "--threads", "1", "--rounds", "1", "--sizes", "char", "--only", "variational",
                             "--no-floor", "--json", str(out)]) == 0
     records = json.loads(out.read_text())
-    assert [r["matmul_floor"] for r in records] == [None, None]
+    assert [r["matmul_floor"] for r in records] == [r["matmuls_only_floor"] for r in records] == [None, None]
     assert "| window | " in capsys.readouterr().out and all(r["floor_ms"] is None for r in records)
 
 
@@ -141,6 +143,44 @@ def test_flipout_gemm_uses_the_shared_floor(flipout_gemm, throughput):
     """One implementation of the window's matmuls: bench/_floor.py, imported by both scripts."""
     assert flipout_gemm._floor is _floor and not hasattr(flipout_gemm, "window_matmuls")
     assert throughput.model_floors is _floor.model_floors and throughput.interleave is _floor.interleave
+
+
+def test_step_floor_adds_the_rest_of_the_step_to_both_sides():
+    """(L + E) / (M + E): the layer floor without a rest, nearer 1 from either side as it grows;
+    a negative rest (S timed below L) is clamped to 0."""
+    assert _floor.step_floor(4.0, 2.0, 0.0) == 2.0 and _floor.step_floor(2.0, 4.0, 0.0) == 0.5
+    assert _floor.step_floor(4.0, 2.0, 2.0) == 1.5 and _floor.step_floor(2.0, 4.0, 4.0) == 0.75
+    fast = [_floor.step_floor(4.0, 2.0, e) for e in (0.0, 1.0, 10.0, 1e6)]
+    slow = [_floor.step_floor(2.0, 4.0, e) for e in (0.0, 1.0, 10.0, 1e6)]
+    assert fast == sorted(fast, reverse=True) and fast[-1] > 1.0 and math.isclose(fast[-1], 1.0, rel_tol=1e-5)
+    assert slow == sorted(slow) and slow[-1] < 1.0 and math.isclose(slow[-1], 1.0, rel_tol=1e-5)
+    assert _floor.step_rest(10.0, 4.0) == 6.0 and _floor.step_rest(3.0, 4.0) == 0.0
+
+
+def test_model_floors_combine_the_rounds_as_documented(monkeypatch):
+    """model_floors times the reference model's step in the interleaved rounds and combines the
+    per-round timings: E = S - (the mean L around S), clamped; matmul_floor = median (L + E)/(M + E)."""
+    seen = {}
+
+    def fake(reference, runs, rounds, device="cpu"):
+        seen.update(runs=set(runs), step=runs.get("step"))
+        return _floor.Rounds(own={"plain": [2.0, 1.0, 3.0], "decoder": [1.0, 1.0, 1.0], "step": [10.0, 6.0, 1.0]},
+                             ref={"plain": [4.0, 3.0, 3.0], "decoder": [4.0, 3.0, 3.0], "step": [4.0, 2.0, 2.0]},
+                             ref_all=[4.0, 4.0, 2.0, 3.0, 3.0, 2.0, 3.0, 2.0])
+    monkeypatch.setattr(_floor, "interleave", fake)
+    step = lambda: None  # noqa: E731
+    out = _floor.model_floors(5, 4, 1, 6, 2, 3, onehot=True, kinds=("plain",), rounds=3, step=step)["plain"]
+    assert seen == {"runs": {"plain", "decoder", "step"}, "step": step}
+    # E per round: 10 - 4 = 6, 6 - 2 = 4, 1 - 2 < 0 -> 0
+    assert out["floor_rounds"] == [(4 + 6) / (2 + 6), (3 + 4) / (1 + 4), 3 / 3]
+    assert out["matmul_floor"] == 1.25 and out["layer_floor"] == 2.0
+    assert out["matmuls_only_floor"] == 5 / 3  # median of (L + D) / (M + D): 5/3, 4/2, 4/4
+    assert out["floor_ms"] == {"nn_lstm_layers": 3e3, "window_matmuls": 2e3, "decoder_matmuls": 1e3,
+                               "nn_lstm_step": 6e3, "rest": 4e3}
+    out = _floor.model_floors(5, 4, 1, 6, 2, 3, onehot=True, kinds=("plain",), rounds=3)["plain"]
+    assert seen["runs"] == {"plain", "decoder"}  # without a step: the former definition, no S or E
+    assert out["matmul_floor"] == out["matmuls_only_floor"] == 5 / 3 and out["floor_rounds"] == [5 / 3, 2.0, 1.0]
+    assert set(out["floor_ms"]) == {"nn_lstm_layers", "window_matmuls", "decoder_matmuls"}
 
 
 MATMUL_OPS = {"aten::mm", "aten::addmm", "aten::bmm", "mkldnn::_linear_pointwise", "mkldnn::_reorder_linear_weight"}
