@@ -275,3 +275,44 @@ def test_bf16_input_projection_is_read_and_differentiated_without_casts(flip):
     assert ref_dx.dtype == torch.bfloat16
     scale = ref_dx.float().abs().max()
     assert ((d_x.float() - ref_dx.float()).abs().max() / scale).item() < 2.0**-7  # one bf16 ulp
+
+
+@pytest.mark.parametrize("step", ["fused", "torch"])
+@pytest.mark.parametrize("flip", ["none", "per_window"])
+def test_window_that_projects_its_input_matches_a_projection_outside(monkeypatch, step, flip):
+    """``lstm_window(x, ..., weight_ih=W, bias=b)`` equals ``lstm_window(F.linear(x, W, b), ...)``:
+    outputs, state and the gradients of ``x``, ``W``, ``b``, the state and ``W_hh``, on the C
+    step and on the torch step. On the C step its ``(T, B, 4H)`` buffers (the projection and
+    ``fac``) come from the pool: a second window reuses the first one's instead of new ones."""
+    if step == "fused" and (lstm_fused.library() is None or not lstm_matmul.onednn_linear_available()):
+        pytest.skip("fused step unavailable")
+    monkeypatch.setattr(lstm_fused, "FUSED", None if step == "fused" else False)
+    inputs, draws = _case(True, flip, True, "masks", torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(T, B, 7, generator=gen).requires_grad_()
+    w_ih = (torch.randn(4 * H, 7, generator=gen) / 7 ** 0.5).requires_grad_()
+    bias = torch.randn(4 * H, generator=gen).requires_grad_()
+    leaves = [x, w_ih, bias, *inputs[1:4]]
+
+    def run(inside: bool):
+        state = (inputs[1], inputs[2])
+        if inside:
+            out, (h, c) = lstm_window(x, state, inputs[3], draws, weight_ih=w_ih, bias=bias)
+        else:
+            out, (h, c) = lstm_window(torch.nn.functional.linear(x, w_ih, bias), state, inputs[3], draws)
+        g = torch.Generator().manual_seed(1)
+        loss = sum((t * torch.randn(t.shape, generator=g)).sum() for t in (out, h, c))
+        return [out, h, c, *torch.autograd.grad(loss, leaves)]
+
+    lstm_fused.clear_pool()
+    ref, got = run(False), run(True)
+    pooled = {t.data_ptr() for kept in lstm_fused.POOL.free.values() for t in kept if t.shape == (T, B, 4 * H)}
+    again = run(True)
+    for a, b, c in zip(got, ref, again):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        assert torch.equal(a, c)
+    if step == "fused":
+        assert len(pooled) == 2  # the projection and fac
+        assert pooled == {t.data_ptr() for kept in lstm_fused.POOL.free.values() for t in kept
+                          if t.shape == (T, B, 4 * H)}
+    lstm_fused.clear_pool()

@@ -1,7 +1,7 @@
 """The window kernel's recurrence with each step's element-wise work fused into one C call.
 
-Same maths, arguments and saved buffers as the torch loops of :mod:`lm.nn.lstm_kernel`
-(``_window_forward`` and ``_LSTMWindow._backward``); only who does the element-wise work
+Same maths, arguments and saved buffers as the torch loops of :mod:`lm.nn.lstm_torchstep`
+(``window_forward`` and ``window_backward``); only who does the element-wise work
 changes. Per step the torch loop issues about 20 small kernels forward and 10 backward (gate
 activations, masks, cell and hidden updates, zoneout, the saved derivative factors, the gate
 gradients), each a pass over ``(B, H)`` or ``(B, 4H)`` memory with its dispatch cost. Here:
