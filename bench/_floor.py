@@ -17,8 +17,11 @@ layer issues them, on random operands:
   with the ``ΔŴ`` products of flipout;
 * the window-wide ``dW_hh`` ``(4H, T·B) x (T·B, H)``, and ``dΔŴ`` with flipout.
 
-No element-wise work of the recurrence, no mask draws, no Python bookkeeping: the products'
-own ``add``/``addcmul`` into the gate buffer stay, since the layer issues them that way.
+No element-wise work of the recurrence, no mask draws, no Python bookkeeping. Where the fused C
+step runs (:mod:`lm.nn.lstm_fused`, the CPU default), the products are issued as it issues them:
+on operands already in the matmuls' dtype (the C step writes them so) and with no element-wise
+op around them. Elsewhere (the torch step) the products' own ``add``/``addcmul`` into the gate
+buffer and their operands' casts stay, since that step issues them.
 :func:`lstm_reference` is ``nn.LSTM``'s forward + backward of the same layers (oneDNN on CPU,
 cuDNN on CUDA), which does all of a layer's work, element-wise included. The *layer floor* is
 ``nn.LSTM time / matmul time``. A training step does more than its layers: the loss, the
@@ -148,6 +151,8 @@ def window_matmuls(hid: int, inp: int, batch: int, steps: int, flip: bool, *, pa
     s, base, out = torch.ones(batch, hid, device=dev), torch.zeros(batch, hid, device=dev), new(batch, hid)
     d_gates, h_all = new(steps * batch, 4 * hid), new(steps * batch, hid)
     w_ih_low, x_low = _low(w_ih, dtype), _low(x, dtype).view(steps * batch, inp)  # what the kernel saves
+    # the fused C step writes the products' operands in their dtype: no casts of them to time
+    ops_low = [_low(t, dtype) for t in (left, dgt, d_gates, h_all)]
 
     def run() -> None:
         before = lstm_matmul.PACKED
@@ -155,25 +160,46 @@ def window_matmuls(hid: int, inp: int, batch: int, steps: int, flip: bool, *, pa
             lstm_matmul.PACKED = None if packed else False
         try:
             with torch.autocast(dev.type, enabled=False):  # the kernel casts explicitly
-                pooled = lstm_fused.usable(w, dtype)  # the kernel's pooled buffer where it has one
-                xproj = lstm_fused.project(x, w_ih, dtype, pooled)[0]
-                if pooled:
+                fused = lstm_fused.usable(w, dtype)  # the fused C step, with its pooled buffers
+                xproj = lstm_fused.project(x, w_ih, dtype, fused)[0]
+                if fused:
                     lstm_fused.release(xproj)
-                gates = lstm_matmul.GateMatmul(w, delta, batch, dtype)
-                for _ in range(steps):
-                    gates(xt, left, r)
-                grad_h = lstm_matmul.HiddenGrad(w, delta, None, batch, gates.stacked, dtype)
-                for _ in range(steps):
-                    grad_h(base, dgt, r, s, out)
+                    _fused_products(w, delta, batch, steps, dtype, ops_low[0], ops_low[1])
+                    grad, h_grad = ops_low[2], ops_low[3]
+                else:  # the torch step: its products with the adds they issue into the gate buffers
+                    gates = lstm_matmul.GateMatmul(w, delta, batch, dtype)
+                    for _ in range(steps):
+                        gates(xt, left, r)
+                    grad_h = lstm_matmul.HiddenGrad(w, delta, None, batch, gates.stacked, dtype)
+                    for _ in range(steps):
+                        grad_h(base, dgt, r, s, out)
+                    grad, h_grad = d_gates, h_all  # cast by low_mm, as the torch step's are
                 for _ in range(2 if flip else 1):  # dW_hh, and dΔŴ
-                    lstm_matmul.low_mm(d_gates.t(), h_all, dtype)
-                grad = _low(d_gates, dtype)  # the gate gradients as the kernel hands them to the products
+                    lstm_matmul.low_mm(grad.t(), h_grad, dtype)
+                grad = _low(grad, dtype)  # the gate gradients as the kernel hands them to the projection
                 if input_grad:
                     lstm_matmul.low_mm(grad, w_ih_low, dtype)  # dx
                 lstm_matmul.low_mm(grad.t(), x_low, dtype)  # dW_ih
         finally:
             lstm_matmul.PACKED = before
     return run
+
+
+def _fused_products(w, delta, batch: int, steps: int, dtype, left, dgt) -> None:
+    """The per-step products of :mod:`lm.nn.lstm_fused` alone: per window the weights cast and
+    reordered (forward) or transposed and reordered (backward), per step ``h̃ W_hhᵀ`` (and
+    ``(h̃ ∘ s) ΔŴᵀ``) forward and ``dgates W_hh`` (and ``(dgates ∘ r) ΔŴ``) backward, on operands
+    already in the matmuls' dtype (``left``, ``dgt``); the C step does the element-wise work."""
+    ldt = dtype or torch.float32
+    weights = (w,) if delta is None else (w, delta)
+    forward = [lstm_matmul.Packed(m.to(ldt), batch) for m in weights]
+    for _ in range(steps):
+        for k, lin in enumerate(forward):
+            lin(left[k] if delta is not None else left)
+    backward = [lstm_matmul.Packed(lstm_fused.transposed(m.to(ldt)), batch) for m in weights]
+    for _ in range(steps):
+        for lin in backward:
+            lin(dgt)
 
 
 def window_stack(inp: int, hid: int, layers: int, batch: int, steps: int, flip: bool, *, onehot: bool,

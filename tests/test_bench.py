@@ -218,6 +218,28 @@ def test_floor_issues_the_models_own_matmuls(throughput, size, reg, precision):
     assert floor and floor == _matmuls(step)
 
 
+@pytest.mark.skipif(not _floor.lstm_fused.usable(torch.ones(4, 1), None), reason="the fused C step does not run here")
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("flip", [False, True])
+def test_floor_of_the_fused_step_times_only_its_matmuls(flip, precision):
+    """Where the fused C step runs, it issues its products on operands it wrote in their dtype and
+    nothing element-wise around them; so the floor times no per-step op but the products (an add,
+    addcmul or cast issued every step would be the torch step's work, not a matmul)."""
+    dtype = torch.bfloat16 if precision == "bf16" else None
+    if dtype is not None and not _floor.lstm_matmul.onednn_linear_available(dtype):
+        pytest.skip("no oneDNN bf16 linear here")
+    steps = 12  # more than the per-window casts (weights, input: up to 6)
+    run = _floor.window_matmuls(8, 5, 3, steps, flip, dtype=dtype)
+    run()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    calls = collections.Counter(e.name for e in prof.events() if e.cpu_parent is None)  # ops the floor issues
+    per_step = {name for name, n in calls.items() if n >= steps} - {"aten::select", "aten::to"}  # a view; see below
+    assert per_step == {"mkldnn::_linear_pointwise"}, calls
+    copies = sum(e.name == "aten::_to_copy" for e in prof.events())  # a `to` that casts: per window only
+    assert copies < steps, copies
+
+
 @pytest.fixture(scope="module")
 def profile_step():
     return _load("profile_step")

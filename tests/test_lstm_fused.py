@@ -170,10 +170,12 @@ def test_a_failed_build_falls_back(monkeypatch, tmp_path):
     monkeypatch.setattr(cext, "_LOADED", {})
 
 
+@pytest.mark.parametrize("inside", [False, True], ids=["xproj", "projects-x"])
 @pytest.mark.parametrize("flip,zone", [("per_window", "masks"), ("none", "expectation")])
-def test_no_cpu_only_code_is_reachable_from_another_device(monkeypatch, flip, zone):
+def test_no_cpu_only_code_is_reachable_from_another_device(monkeypatch, flip, zone, inside):
     """On the meta device (shapes only, as on CUDA: not 'cpu') the window runs forward and backward
-    without touching the C library or oneDNN's CPU ops: CUDA takes the same torch step."""
+    without touching the C library or oneDNN's CPU ops: CUDA takes the same torch step, also
+    where the window projects its input itself (``weight_ih``)."""
     monkeypatch.setattr(lstm_fused, "library", lambda: pytest.fail("C library reached off the CPU"))
     monkeypatch.setattr(lstm_matmul, "Packed", lambda *a: pytest.fail("oneDNN packed op reached off the CPU"))
     inputs, draws = tk.make_case(True, flip, True, zone, dtype=torch.float32)
@@ -181,9 +183,15 @@ def test_no_cpu_only_code_is_reachable_from_another_device(monkeypatch, flip, zo
     to = lambda z: z.to("meta") if isinstance(z, torch.Tensor) else z  # noqa: E731
     flip_meta = None if draws.flip is None else type(draws.flip)(meta[4], to(draws.flip.sign_in), to(draws.flip.sign_out))
     draws = WindowDraws(to(draws.hidden_mask), flip_meta, to(draws.cell_mask), to(draws.zoneout_c), to(draws.zoneout_h))
-    out, (h, c) = lstm_window(meta[0], (meta[1], meta[2]), meta[3], draws)
+    extra = {}
+    if inside:  # x (T, B, 6) and its projection's weights instead of xproj
+        meta[0] = torch.empty(tk.T, tk.B, 6, device="meta", requires_grad=True)
+        extra = {"weight_ih": torch.empty(4 * tk.H, 6, device="meta", requires_grad=True),
+                 "bias": torch.empty(4 * tk.H, device="meta", requires_grad=True)}
+    out, (h, c) = lstm_window(meta[0], (meta[1], meta[2]), meta[3], draws, **extra)
     assert out.device.type == "meta" and out.shape == (tk.T, tk.B, tk.H)
-    grads = torch.autograd.grad((out.sum() + h.sum() + c.sum()), meta[:4])
+    meta = meta[:4] + list(extra.values())
+    grads = torch.autograd.grad((out.sum() + h.sum() + c.sum()), meta)
     assert all(g.device.type == "meta" and g.shape == x.shape for g, x in zip(grads, meta))
 
 
