@@ -2,16 +2,20 @@
 """Is the fused C step faster? Training steps with and without it, interleaved in one process.
 
 For each size and regularizer, one model of ``bench/throughput.py`` (its ``Runner``: forward,
-loss, backward, clipping, optimizer step) is timed in three configurations, in rotating order
-within each round so that slow phases of the machine hit all three alike:
+loss, backward, clipping, optimizer step) is timed in four configurations, in rotating order
+within each round so that slow phases of the machine hit all of them alike:
 
 * ``torch``: the recurrence's element-wise work in torch ops and the noise from torch's
-  generator (``lm.nn.lstm_fused.FUSED = False``, ``lm.nn.fastrand.FAST = False``): before issue 19;
+  generator (``lm.nn.lstm_fused.FUSED = False``, ``lm.nn.fastrand.FAST = False``), the input
+  projection outside the window (``lm.nn.lstm.WINDOW_PROJECTS = False``): before issue 19;
 * ``fused step``: the C step of :mod:`lm.nn.lstm_fused`, noise still from torch's generator;
-* ``fused + philox``: the C step and the Philox draws of :mod:`lm.nn.fastrand` (the default).
+* ``fused + philox``: the C step and the Philox draws of :mod:`lm.nn.fastrand` (issue 19's first
+  round);
+* ``+ projection``: and the window computing its input projection itself into reused buffers
+  (:func:`lm.nn.lstm_kernel.lstm_window`; the default).
 
 Printed: median milliseconds per step of each, and the speed-ups over ``torch`` (median over
-rounds of the per-round ratio). The same model, optimizer and batch serve all three, so the
+rounds of the per-round ratio), and of ``+ projection`` over ``fused + philox``. The same model, optimizer and batch serve all three, so the
 weights evolve across the timings; speed does not depend on them.
 
     python bench/fused_step.py --threads 2 --json runs/fused_step.json
@@ -32,10 +36,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._floor import timed, torch_threads, write_json  # noqa: E402
 from bench.throughput import SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
-from lm.nn import fastrand, lstm_fused  # noqa: E402
+from lm.nn import fastrand, lstm, lstm_fused  # noqa: E402
 from lm.nn.precision import Precision  # noqa: E402
 
-MODES = {"torch": (False, False), "fused step": (None, False), "fused + philox": (None, None)}
+MODES = {"torch": (False, False, False), "fused step": (None, False, False), "fused + philox": (None, None, False),
+         "+ projection": (None, None, True)}  # lstm_fused.FUSED, fastrand.FAST, lstm.WINDOW_PROJECTS
+
+
+def _set(mode: str) -> None:
+    lstm_fused.FUSED, fastrand.FAST, lstm.WINDOW_PROJECTS = MODES[mode]
 DEFAULT = "variational,semeniuta,zoneout,wd_flipout,gauss_flipout,dropout,weight_drop,gauss"
 
 
@@ -43,26 +52,31 @@ def measure(size, name: str, precision: str, rounds: int, warmup: int, device: t
     runner = build_runners(size, [name], device, Precision(precision, device))[name]
     times: dict[str, list[float]] = {m: [] for m in MODES}
     ratios: dict[str, list[float]] = {m: [] for m in MODES}
+    projection: list[float] = []
     order = list(MODES)
     try:
         for mode in order * max(warmup, 1):
-            lstm_fused.FUSED, fastrand.FAST = MODES[mode]
+            _set(mode)
             runner.train_step()
         for r in range(rounds):
             this = {}
-            for mode in order[r % 3:] + order[:r % 3]:
-                lstm_fused.FUSED, fastrand.FAST = MODES[mode]
+            k = r % len(order)
+            for mode in order[k:] + order[:k]:
+                _set(mode)
                 this[mode] = timed(runner.train_step, device)
                 times[mode].append(this[mode])
             for mode in MODES:
                 ratios[mode].append(this["torch"] / this[mode])
+            projection.append(this["fused + philox"] / this["+ projection"])
     finally:
         lstm_fused.FUSED = fastrand.FAST = None
+        lstm.WINDOW_PROJECTS = True
     return {"size": size.name, "name": name, "kernel": kernel_of(runner), "precision": precision,
             "threads": torch.get_num_threads(), "rounds": rounds,
             "ms": {m: statistics.median(v) * 1e3 for m, v in times.items()},
             "speedup": {m: statistics.median(v) for m, v in ratios.items()},
-            "speedup_range": {m: [min(v), max(v)] for m, v in ratios.items()}}
+            "speedup_range": {m: [min(v), max(v)] for m, v in ratios.items()},
+            "projection_speedup": statistics.median(projection)}
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -83,9 +97,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     sizes, rounds = (TINY, 2) if args.tiny else (SIZES, args.rounds)
     records = []
     with torch_threads(args.threads):
+        faster = [m for m in MODES if m != "torch"]
         print(f"| size | precision | regularizer | kernel | {' | '.join(f'{m} ms' for m in MODES)} | "
-              f"fused step speed-up | fused + philox speed-up |")
-        print("|---|---|---|---|---|---|---|---|---|")
+              + " | ".join(f"{m} speed-up" for m in faster) + " | projection's own speed-up |")
+        print("|" + "---|" * (5 + 2 * len(faster)))
         for size in args.sizes.split(","):
             for precision in args.precision.split(","):
                 for name in names:
@@ -93,8 +108,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     records.append(rec)
                     ms, sp = rec["ms"], rec["speedup"]
                     print(f"| {size} | {precision} | {name} | {rec['kernel']} | "
-                          + " | ".join(f"{ms[m]:.1f}" for m in MODES)
-                          + f" | {sp['fused step']:.2f} | {sp['fused + philox']:.2f} |", flush=True)
+                          + " | ".join(f"{ms[m]:.1f}" for m in MODES) + " | "
+                          + " | ".join(f"{sp[m]:.2f}" for m in faster)
+                          + f" | {rec['projection_speedup']:.2f} |", flush=True)
     if args.json:
         write_json(args.json, records)
     return 0

@@ -66,7 +66,7 @@ from bench._floor import timed, torch_threads, write_json  # noqa: E402
 from bench._profiler import profiler_quiet  # noqa: E402
 from bench import throughput  # noqa: E402
 from bench.throughput import REFERENCE, SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
-from lm.nn import fastrand, lstm_fused  # noqa: E402
+from lm.nn import fastrand, lstm, lstm_fused  # noqa: E402
 from lm.nn.precision import PRECISIONS, Precision  # noqa: E402
 
 CATEGORIES = ("per-step matmuls", "window-wide matmuls", "fused LSTM kernel", "element-wise", "weight reorders",
@@ -206,15 +206,16 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 @contextlib.contextmanager
 def step_as_before(on: bool) -> Iterator[None]:
     """With ``on``: the step as before issue 19 -- torch ops for the recurrence's element-wise work,
-    torch's generator for the noise, torch's unfused Adam (for runners built inside)."""
-    saved = lstm_fused.FUSED, fastrand.FAST, throughput.fused_adam_ok
+    torch's generator for the noise, the input projection outside the window kernel, torch's
+    unfused Adam (for runners built inside)."""
+    saved = lstm_fused.FUSED, fastrand.FAST, lstm.WINDOW_PROJECTS, throughput.fused_adam_ok
     if on:
-        lstm_fused.FUSED = fastrand.FAST = False
+        lstm_fused.FUSED = fastrand.FAST = lstm.WINDOW_PROJECTS = False
         throughput.fused_adam_ok = lambda params: False
     try:
         yield
     finally:
-        lstm_fused.FUSED, fastrand.FAST, throughput.fused_adam_ok = saved
+        lstm_fused.FUSED, fastrand.FAST, lstm.WINDOW_PROJECTS, throughput.fused_adam_ok = saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -318,7 +318,7 @@ def test_fused_step_bench_runs(tmp_path, capsys):
     assert [r["name"] for r in records] == ["zoneout", "gauss"]
     for r in records:
         assert set(r["ms"]) == set(module.MODES) and all(v > 0 for v in r["ms"].values())
-        assert r["speedup"]["torch"] == 1.0
+        assert r["speedup"]["torch"] == 1.0 and r["projection_speedup"] > 0
     assert "| char | fp32 | zoneout | window |" in capsys.readouterr().out
-    from lm.nn import fastrand, lstm_fused
-    assert lstm_fused.FUSED is None and fastrand.FAST is None
+    from lm.nn import fastrand, lstm, lstm_fused
+    assert lstm_fused.FUSED is None and fastrand.FAST is None and lstm.WINDOW_PROJECTS is True

@@ -40,6 +40,12 @@ from lm.nn.lstm_kernel import lstm_window
 from lm.nn.noise import RecurrentNoise, State, WindowDraws, draw_window
 from lm.nn.precision import autocast_dtype
 
+WINDOW_PROJECTS = True
+"""True (default): the window kernel computes the input projection itself (into a reused buffer,
+see :func:`lm.nn.lstm_kernel.lstm_window`) wherever ``W_ih`` has no flipout; False: ``F.linear``
+outside it, as before 2026-11-30 (for the A/B benchmarks: ``bench/fused_step.py``,
+``bench/profile_step.py --compare``). The same numbers up to float rounding either way."""
+
 
 def reference_loop(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor,
                    draws: WindowDraws) -> tuple[torch.Tensor, State]:
@@ -126,7 +132,7 @@ class LSTMLayer(nn.Module):
 
     def _loop(self, x: torch.Tensor, state: State, noise: RecurrentNoise) -> tuple[torch.Tensor, State]:
         bias = self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0
-        if noise.flip_ih is None:  # the window kernel projects the whole window's input itself
+        if noise.flip_ih is None and WINDOW_PROJECTS:  # the window kernel projects the window's input itself
             draws = draw_window(noise, state[0], x.size(0))
             return lstm_window(x, state, noise.weight_hh, draws, weight_ih=noise.weight_ih, bias=bias)
         # One matmul for the whole window's input projection (flipout signs broadcast over T).
