@@ -15,8 +15,9 @@ within each round so that slow phases of the machine hit all of them alike:
   (:func:`lm.nn.lstm_kernel.lstm_window`; the default).
 
 Printed: median milliseconds per step of each, and the speed-ups over ``torch`` (median over
-rounds of the per-round ratio), and of ``+ projection`` over ``fused + philox``. The same model, optimizer and batch serve all three, so the
-weights evolve across the timings; speed does not depend on them.
+rounds of the per-round ratio), and of ``+ projection`` over ``fused + philox``. The same model,
+optimizer and batch serve all four, so the weights evolve across the timings; speed does not
+depend on them.
 
     python bench/fused_step.py --threads 2 --json runs/fused_step.json
     python bench/fused_step.py --sizes char --only zoneout,gauss_flipout --precision bf16

@@ -26,8 +26,9 @@ Mixed precision (under ``torch.autocast`` with bfloat16 or float16, :mod:`lm.nn.
 kernel switches autocast off for itself and runs only the matmuls in the low dtype -- the
 per-step products (:mod:`lm.nn.lstm_matmul`) and the window's two weight-gradient products --
 with float32 accumulation. The input projection arrives in the low dtype (the fused step reads
-it so, the torch step takes it to float32) and its gradient goes back in it; the state, the gates, the cell update, the saved backward factors and the whole
-element-wise backward stay float32, as do the outputs and the gradients handed back.
+it so, the torch step takes it to float32) and its gradient goes back in it; the state, the
+gates, the cell update, the saved backward factors and the whole element-wise backward stay
+float32, as do the outputs and the gradients handed back.
 """
 
 from __future__ import annotations
@@ -65,7 +66,8 @@ def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save
     built for flipout (None otherwise), which backward reuses instead of stacking again.
 
     Where it applies (CPU, packed matmuls), :mod:`lm.nn.lstm_fused` runs the same recurrence with
-    each step's element-wise work fused into one C call; elsewhere :mod:`lm.nn.lstm_torchstep` runs it as torch ops.
+    each step's element-wise work fused into one C call; elsewhere :mod:`lm.nn.lstm_torchstep`
+    runs it as torch ops.
     """
     if lstm_fused.usable(w, low):
         return lstm_fused.window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias,
