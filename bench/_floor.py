@@ -190,13 +190,11 @@ def _fused_products(w, delta, batch: int, steps: int, dtype, left, dgt) -> None:
     reordered (forward) or transposed and reordered (backward), per step ``h̃ W_hhᵀ`` (and
     ``(h̃ ∘ s) ΔŴᵀ``) forward and ``dgates W_hh`` (and ``(dgates ∘ r) ΔŴ``) backward, on operands
     already in the matmuls' dtype (``left``, ``dgt``); the C step does the element-wise work."""
-    ldt = dtype or torch.float32
-    weights = (w,) if delta is None else (w, delta)
-    forward = [lstm_matmul.Packed(m.to(ldt), batch) for m in weights]
+    forward = lstm_fused.products(w, delta, dtype, batch)
     for _ in range(steps):
         for k, lin in enumerate(forward):
             lin(left[k] if delta is not None else left)
-    backward = [lstm_matmul.Packed(lstm_fused.transposed(m.to(ldt)), batch) for m in weights]
+    backward = lstm_fused.products(w, delta, dtype, batch, backward=True)
     for _ in range(steps):
         for lin in backward:
             lin(dgt)

@@ -166,15 +166,16 @@ def _ptr(x: torch.Tensor | None):
     return None if x is None else x.data_ptr()
 
 
-def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool, bias=None,
-                   projected: bool = False):
-    """:func:`lm.nn.lstm_kernel._window_forward` on the fused step (same arguments and results),
-    plus ``bias`` ``(4H,)``, which the C step adds to ``xproj`` when given.
+def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool, bias=None):
+    """:func:`lm.nn.lstm_kernel._window_forward` on the fused step (same arguments and results);
+    ``bias`` ``(4H,)`` is given when the window projected its input itself (:func:`project`), and
+    the C step adds it to ``xproj``.
 
     ``xproj`` may be bfloat16 when ``low`` is (autocast's input projection): the C step reads it
     as it is. Its gradient is then the bfloat16 copy of the gate gradients that backward writes
     anyway (:func:`window_backward`), so ``fac`` never leaves the module and is pooled. The same
-    holds when the window ``projected`` its input itself (:func:`project`)."""
+    holds when the window projected its input itself: its backward turns ``fac`` into ``dx``,
+    ``dW_ih`` and ``db``."""
     lib = library()
     steps, batch, h4 = xproj.shape
     hid = h4 // 4
@@ -185,7 +186,7 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     hall[0], call[0] = h0, c0
     fac = aux = left_all = None
     if save:
-        fac = POOL.take(w, steps, batch, h4) if xlow or projected else new(steps, batch, h4)
+        fac = POOL.take(w, steps, batch, h4) if xlow or bias is not None else new(steps, batch, h4)
         aux = POOL.take(w, steps, batch, 2 * hid)
     flip = delta is not None
     ldt = low or torch.float32  # the left operands are kept in the matmuls' dtype
@@ -206,7 +207,7 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
         slot(index, t if t is None or save else t[0], ldt, out=True)
     h_low = new(batch, hid, dtype=low) if low is not None and left0 is None else None  # h in bf16
     slot(F_LOW0, h_low, ldt, out=True)
-    lin = [Packed(m.to(ldt), batch) for m in ((w,) if delta is None else (w, delta))]
+    lin = products(w, delta, low, batch)
     lib.lstm_left(slot.ref, 0)
     for t in range(steps):
         if left0 is None:
@@ -220,6 +221,16 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     c_last = call[steps].clone()
     POOL.give(call)
     return hall, c_last, fac, aux, left_all if save else None, None
+
+
+def products(w: torch.Tensor, delta: torch.Tensor | None, low: torch.dtype | None, batch: int,
+             backward: bool = False) -> list[Packed]:
+    """The per-step products of a window, their weights cast to ``low`` (or float32) and reordered
+    once for ``batch``-row operands: ``x ↦ x Wᵀ`` for ``W_hh`` (and ``ΔŴ``), or with ``backward``
+    ``x ↦ x W`` (the weights transposed by :func:`transposed`)."""
+    ldt = low or torch.float32
+    weights = (w,) if delta is None else (w, delta)
+    return [Packed(transposed(m.to(ldt)) if backward else m.to(ldt), batch) for m in weights]
 
 
 def project(x: torch.Tensor, w_ih: torch.Tensor, low: torch.dtype | None, pooled: bool = True):
@@ -259,7 +270,7 @@ def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low, fr
         POOL.take(fac, steps, batch, h4, dtype=low)
     slot(B_SIGNED, signed, low or torch.float32, out=True)
     slot(B_DGLOW, dglow, low or torch.float32, out=True)
-    lin = [Packed(transposed(m.to(low or m.dtype)), batch) for m in ((w,) if delta is None else (w, delta))]
+    lin = products(w, delta, low, batch, backward=True)
     for t in range(steps - 1, -1, -1):
         lib.lstm_backward_gates(slot.ref, t)
         p0 = lin[0](fac[t] if dglow is None else dglow[t])

@@ -48,11 +48,10 @@ def _flip_parts(flip: Flip | None):
     return flip.delta, flip.sign_in, flip.sign_out
 
 
-def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool, bias=None,
-                    projected: bool = False):
+def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool, bias=None):
     """The forward recurrence of one window (``delta``: ``ΔŴ`` ``(4H, H)`` with flipout, else None;
     ``low``: the dtype of the matmuls under mixed precision, else None; ``bias`` ``(4H,)``, added
-    to ``xproj`` when given; ``projected``: the window made ``xproj`` itself, see :class:`_LSTMWindow`).
+    to ``xproj`` when given: the window made ``xproj`` itself, see :func:`_run`).
 
     Returns ``hall`` ``(T+1, B, H)`` (``h0``, then every ``h_t``), ``c_T``, and, when ``save``,
     what backward needs (else None): ``fac`` ``(T, B, 4H)``, the derivative factors of the four
@@ -70,8 +69,7 @@ def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save
     runs it as torch ops.
     """
     if lstm_fused.usable(w, low):
-        return lstm_fused.window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias,
-                                         projected)
+        return lstm_fused.window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias)
     return lstm_torchstep.window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias)
 
 
@@ -92,13 +90,9 @@ class _LSTMWindow(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh, low):
-        proj, fused = w_ih is not None, lstm_fused.usable(w, low)
-        xproj, xl, wl = lstm_fused.project(xin, w_ih, low, pooled=fused) if proj else (xin, None, None)
-        hall, c, fac, aux, left, stacked = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low,
-                                                           save=True, bias=b, projected=proj)
-        if proj and fused:
-            lstm_fused.release(xproj)  # read by now; the backward needs x and W_ih, not xproj
-        ctx.low, ctx.x_dtype, ctx.proj = low, xin.dtype, proj
+        (hall, c, fac, aux, left, stacked), xl, wl = _run(xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh,
+                                                         low, save=True)
+        ctx.low, ctx.x_dtype, ctx.proj = low, xin.dtype, w_ih is not None
         zc_t, zh_t = (z if isinstance(z, torch.Tensor) else None for z in (zc, zh))
         ctx.save_for_backward(hall, fac, aux, left, w, delta, stacked, s, r, mask, zc_t, zh_t, xl, wl)
         ctx.zone = (zc, zh) if zc_t is None or zh_t is None else None  # floats (eval expectation) or None
@@ -194,18 +188,20 @@ def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor, draw
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
             hall, c = _LSTMWindow.apply(*args, low)
         else:
-            hall, c = _forward_only(*args, low)
+            hall, c = _run(*args, low, save=False)[0][:2]
     return hall[1:], (hall[-1], c)
 
 
-def _forward_only(xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh, low):
-    """The window without a graph (evaluation): :func:`_window_forward`, projecting ``xin`` first
-    when ``w_ih`` is given."""
+def _run(xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool):
+    """``(_window_forward(...), x', W_ih')``: the window on ``xin``, which is ``xproj``, or with
+    ``w_ih`` the input ``x``, projected first (:func:`lm.nn.lstm_fused.project`; ``x'``, ``W_ih'``
+    the operands its gradients need, else None). On the fused step the projection's buffer is
+    pooled and handed back once the forward has read it: neither backward nor the caller needs it."""
     if w_ih is None:
-        return _window_forward(xin, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save=False)[:2]
+        return _window_forward(xin, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save), None, None
     fused = lstm_fused.usable(w, low)
-    xproj = lstm_fused.project(xin, w_ih, low, pooled=fused)[0]
-    out = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save=False, bias=b)[:2]
+    xproj, xl, wl = lstm_fused.project(xin, w_ih, low, pooled=fused)
+    out = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias=b)
     if fused:
         lstm_fused.release(xproj)
-    return out
+    return out, xl, wl
