@@ -324,3 +324,44 @@ def test_window_that_projects_its_input_matches_a_projection_outside(monkeypatch
         assert pooled == {t.data_ptr() for kept in lstm_fused.POOL.free.values() for t in kept
                           if t.shape == (T, B, 4 * H)}
     lstm_fused.clear_pool()
+
+
+@needs_fused
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_bias_and_flipout_gradients_need_no_window_wide_pass(precision):
+    """The C backward sums the bias gradient and writes the window's ``dgates ∘ r`` for ``dΔŴ``
+    as it forms the gate gradients: backward runs no ``sum``, ``mul`` or ``mul_`` over a
+    ``(T, B, 4H)`` buffer (before: ``fac.sum(0)``, and ``fac.mul_(r)`` twice, or in bf16 a signed
+    copy ``dg_low * r``), and the gradients still equal the torch step's."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if precision == "bf16" and not lstm_matmul.onednn_linear_available(torch.bfloat16):
+        pytest.skip("no oneDNN bf16 linear here")
+    torch.set_num_threads(2)
+    inputs, draws = _case(True, "per_window", False, "masks", torch.float32)
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(T, B, 7, generator=gen)
+    w_ih = (torch.randn(4 * H, 7, generator=gen) / 7 ** 0.5).requires_grad_()
+    bias = torch.randn(4 * H, generator=gen).requires_grad_()
+    leaves = [w_ih, bias, inputs[3], draws.flip.delta]
+
+    def run():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            out, (h, c) = lstm_window(x, (inputs[1], inputs[2]), inputs[3], draws, weight_ih=w_ih, bias=bias)
+        return torch.autograd.grad(out.sum() + c.sum(), leaves)
+
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        got = run()
+    wide = [e.name for e in prof.events() if e.name in ("aten::sum", "aten::mul", "aten::mul_")
+            and any(list(s) in ([T, B, 4 * H], [T * B, 4 * H]) for s in e.input_shapes)]
+    assert wide == [], wide
+    lstm_fused.FUSED = False
+    try:
+        ref = run()
+    finally:
+        lstm_fused.FUSED = None
+        lstm_fused.clear_pool()
+    tol = 1e-5 if precision == "fp32" else 2.0 ** -6  # a few bf16 ulps: the products round differently
+    for name, a, b in zip(["W_ih", "b", "W_hh", "ΔŴ"], got, ref):
+        err = ((a - b).abs().max() / b.abs().max()).item()
+        assert err < tol, f"{name}: {err:.2e}"

@@ -11,14 +11,20 @@ gradients), each a pass over ``(B, H)`` or ``(B, 4H)`` memory with its dispatch 
   ``x̂_t + p0 + p1 ∘ r``, updates ``c`` and ``h`` (cell mask, zoneout), writes the saved factors
   and builds step ``t+1``'s left operands (``h̃ = h ∘ m``, ``h̃ ∘ s``) in the matmuls' dtype;
 * backward, per step: one call turns the saved factors into the gate gradients and ``dc_{t-1}``
-  (plus ``dgates ∘ r`` for the ΔŴ product), the packed product(s), and one call forms
-  ``dh_{t-1} = dh^{out}_{t-1} + m ∘ (p0 + p1 ∘ s) + dh_t ∘ z^h``.
+  and hands them on: ``dgates ∘ r`` for the ΔŴ product (kept for the window's ``dΔŴ``), the
+  bias gradient's running sum (when the window projected its input), and under bf16 their bf16
+  copy; then the packed product(s), and one call forms
+  ``dh_{t-1} = dh^{out}_{t-1} + m ∘ (p0 + p1 ∘ s) + dh_t ∘ z^h``. So backward has no pass over a
+  ``(T, B, 4H)`` buffer left besides the matmuls (before: ``fac.sum(0)`` for the bias and two
+  in-place sign flips of ``fac`` for ``dΔŴ``).
 
 Under bf16 the products read bf16 operands, which the C step writes directly: the left operands
 (kept for the window's weight gradients in bf16, ``(T, B, H)``: exactly the values the torch step
 rounds them to at its matmuls) and a bf16 copy of the window's gate gradients ``(T, B, 4H)``,
-which :mod:`lm.nn.lstm_kernel` uses for ``dW_hh`` and ``dΔŴ`` instead of casting ``fac``.
-State, gates, saved factors and the float32 gate gradients stay float32, as in the torch step.
+which :mod:`lm.nn.lstm_kernel` uses for ``dW_hh``, ``dW_ih`` and ``dx`` instead of casting
+``fac``; the float32 gate gradients are then not written back at all unless an input
+projection that came in float32 needs them. State, gates and saved factors stay float32, as in
+the torch step.
 
 Where: CPU, float32 weights, the ``packed`` matmul backend (:mod:`lm.nn.lstm_matmul`) in float32
 or bfloat16, and the C library built (:mod:`lm.nn.cext`). Anything else -- CUDA, float64, fp16,
@@ -32,17 +38,19 @@ from __future__ import annotations
 
 import ctypes
 from ctypes import c_float, c_int, c_int32, c_int64, c_void_p
+from typing import NamedTuple
 
 import torch
 
 from lm.nn import cext
 from lm.nn.lstm_matmul import Packed, use_packed
+from lm.nn.pool import POOL, clear_pool  # noqa: F401  (the pool this module fills)
 
 FUSED: bool | None = None
 """None (default): the C step wherever it applies; False: always the torch loop."""
 
 F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_BIAS = range(15)  # csrc
-B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW = range(12)
+B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW, B_DB = range(13)
 Z_NONE, Z_MASK, Z_SCALAR = 0, 1, 2
 
 
@@ -52,7 +60,8 @@ class _Slot(ctypes.Structure):
 
 class _Plan(ctypes.Structure):
     _fields_ = [("batch", c_int64), ("hid", c_int64), ("threads", c_int32), ("low", c_int32), ("save", c_int32),
-                ("zc_mode", c_int32), ("zh_mode", c_int32), ("xlow", c_int32), ("zc", c_float), ("zh", c_float),
+                ("zc_mode", c_int32), ("zh_mode", c_int32), ("xlow", c_int32), ("nokeep", c_int32),
+                ("pad", c_int32), ("zc", c_float), ("zh", c_float),
                 ("s", _Slot * 16)]
 
 
@@ -122,46 +131,6 @@ def transposed(m: torch.Tensor) -> torch.Tensor:
     return out
 
 
-class _Pool:
-    """The window-long buffers only this module uses (the cell states, the backward's ``aux`` and
-    left operands), kept from one window for the next.
-
-    A fresh buffer of tens of MB is mapped page by page on its first touch: at the char size the
-    window's new buffers cost about as much as its fused element-wise work. Only buffers that
-    never leave this module are pooled: ``hall`` is the layer's output and ``fac`` becomes the
-    input projection's gradient, so both stay fresh. A pooled buffer is handed back when its
-    window is done with it (``call`` after the forward, ``aux`` and the left operands after the
-    backward); a graph that is dropped without a backward just frees its buffers. A second backward
-    through a retained graph is refused before it could read a reused buffer (the forward's ``fac``
-    changes version, see :func:`window_backward`). At most ``per_key`` buffers per shape are kept
-    (the layers of one model); :func:`clear_pool` empties it (memory benchmarks call it first)."""
-
-    def __init__(self, per_key: int = 4) -> None:
-        self.per_key, self.free = per_key, {}
-
-    def take(self, like: torch.Tensor, *shape: int, dtype: torch.dtype | None = None) -> torch.Tensor:
-        dtype = dtype or like.dtype
-        got = self.free.get((shape, dtype, like.device))
-        return got.pop() if got else like.new_empty(*shape, dtype=dtype)
-
-    def give(self, *tensors: torch.Tensor | None) -> None:
-        for t in tensors:
-            if t is not None:
-                kept = self.free.setdefault((tuple(t.shape), t.dtype, t.device), [])
-                if len(kept) < self.per_key:
-                    kept.append(t)
-
-    def bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for kept in self.free.values() for t in kept)
-
-
-POOL = _Pool()
-
-
-def clear_pool() -> None:
-    POOL.free.clear()
-
-
 def _ptr(x: torch.Tensor | None):
     return None if x is None else x.data_ptr()
 
@@ -175,7 +144,9 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     as it is. Its gradient is then the bfloat16 copy of the gate gradients that backward writes
     anyway (:func:`window_backward`), so ``fac`` never leaves the module and is pooled. The same
     holds when the window projected its input itself: its backward turns ``fac`` into ``dx``,
-    ``dW_ih`` and ``db``."""
+    ``dW_ih`` and ``db``. Under bf16 the left operands are always kept (``h̃ = h`` without a mask):
+    the C step writes ``h`` in bf16 for the products anyway, and ``dW_hh`` then reads that copy
+    instead of casting ``hall``."""
     lib = library()
     steps, batch, h4 = xproj.shape
     hid = h4 // 4
@@ -192,7 +163,7 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     ldt = low or torch.float32  # the left operands are kept in the matmuls' dtype
     if flip:
         left_all = POOL.take(w, 2, steps, batch, hid, dtype=ldt) if save else new(2, 1, batch, hid, dtype=ldt)
-    elif mask is not None:
+    elif mask is not None or (low is not None and save):  # under bf16 h̃ = h in bf16 for dW_hh too
         left_all = POOL.take(w, steps, batch, hid, dtype=ldt) if save else new(1, batch, hid, dtype=ldt)
     left0 = None if left_all is None else left_all[0] if flip else left_all
     left1 = left_all[1] if flip else None
@@ -247,13 +218,21 @@ def project(x: torch.Tensor, w_ih: torch.Tensor, low: torch.dtype | None, pooled
     return out, xl, wl
 
 
-def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low, fresh_low: bool = False):
+def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low, fresh_low: bool = False,
+                    keep: bool = True, signed: bool = False, bias: bool = False) -> Backward:
     """The step loop of :meth:`lm.nn.lstm_kernel._LSTMWindow._backward` on the fused step: turns
-    ``fac`` into the gate gradients in place and returns ``(dh_0, dc_0, dgates_low)``, the last
-    the window's gate gradients ``(T, B, 4H)`` already in ``low`` for the weight gradients (None
-    in float32). The caller hands ``aux``, the left operands and ``dgates_low`` to
-    :func:`release` once its weight gradients are done; with ``fresh_low`` ``dgates_low`` is a new
-    buffer (it leaves as the bfloat16 input projection's gradient) and ``fac`` goes to the pool instead."""
+    the saved factors into the gate gradients and returns them as :class:`Backward`.
+
+    ``keep``: the float32 gate gradients are written into ``fac`` in place (what the weight
+    gradients read in float32); under bf16 they may go only into ``dgates_low``, the window's
+    gate gradients in ``low`` for the weight gradients, and ``fac`` is left as it was.
+    ``signed`` (flipout): the window's ``dgates ∘ r`` ``(T, B, 4H)`` in the matmul dtype, for
+    ``dΔŴ`` (else the C step signs one step at a time for the ΔŴ product only). ``bias``: the
+    bias gradient ``Σ_{t,b} dgates`` summed by the C step as it forms the gradients.
+
+    The caller hands ``aux``, the left operands, ``dgates_low`` and ``signed`` to :func:`release`
+    once its weight gradients are done; with ``fresh_low`` ``dgates_low`` is a new buffer (it
+    leaves as the bfloat16 input projection's gradient) and ``fac`` goes to the pool instead."""
     lib = library()
     steps, batch, h4 = fac.shape
     hid = h4 // 4
@@ -261,28 +240,48 @@ def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low, fr
     dh2, dc2 = fac.new_empty(2, batch, hid), fac.new_empty(2, batch, hid)
     dh2[steps & 1], dc2[steps & 1] = d_hall[steps], d_c
     flip = delta is not None
+    ldt = low or torch.float32
     slot = _Builder(batch, hid, low, True, zc, zh)
+    slot.plan.nokeep = int(not keep and low is not None)
     for index, t in ((B_FAC, fac), (B_AUX, aux), (B_ZC, zc), (B_ZH, zh), (B_R, r), (B_S, s), (B_MASK, mask),
                      (B_DHALL, d_hall), (B_DH, dh2), (B_DC, dc2)):
         slot(index, t)
-    signed = fac.new_empty(batch, h4, dtype=low or torch.float32) if flip else None
+    sg = None
+    if flip:
+        sg = POOL.take(fac, steps, batch, h4, dtype=ldt) if signed else fac.new_empty(batch, h4, dtype=ldt)
     dglow = None if low is None else fac.new_empty(steps, batch, h4, dtype=low) if fresh_low else \
         POOL.take(fac, steps, batch, h4, dtype=low)
-    slot(B_SIGNED, signed, low or torch.float32, out=True)
-    slot(B_DGLOW, dglow, low or torch.float32, out=True)
+    db = fac.new_zeros(slot.plan.threads, h4) if bias else None
+    slot(B_SIGNED, sg, ldt, out=True)
+    slot(B_DGLOW, dglow, ldt, out=True)
+    slot(B_DB, db, out=True)
     lin = products(w, delta, low, batch, backward=True)
     for t in range(steps - 1, -1, -1):
         lib.lstm_backward_gates(slot.ref, t)
         p0 = lin[0](fac[t] if dglow is None else dglow[t])
-        p1 = lin[1](signed) if flip else None
+        p1 = lin[1](sg[t] if signed else sg) if flip else None
         lib.lstm_backward_hidden(slot.ref, t, p0.data_ptr(), _ptr(p1))
-    # the C code wrote fac through a raw pointer: bump its version, so that a second backward
-    # through a retained graph fails on ctx.saved_tensors as the torch step's does
+    # the C code wrote fac through a raw pointer (or, with keep off, left it stale): bump its
+    # version, so that a second backward through a retained graph fails on ctx.saved_tensors as
+    # the torch step's does
     torch.autograd.graph.increment_version(fac)
-    return dh2[0], dc2[0], dglow
+    return Backward(dh2[0], dc2[0], dglow, sg if signed else None, None if db is None else db.sum(0))
+
+
+class Backward(NamedTuple):
+    """What :func:`window_backward` hands back: ``dh_0``, ``dc_0`` ``(B, H)``; ``dgates_low``
+    ``(T, B, 4H)`` in the matmul dtype (None in float32: the gradients are in ``fac``); ``signed``
+    ``dgates ∘ r`` ``(T, B, 4H)`` (when asked for); ``bias`` ``(4H,)`` (when asked for)."""
+
+    dh: torch.Tensor
+    dc: torch.Tensor
+    dgates_low: torch.Tensor | None
+    signed: torch.Tensor | None
+    bias: torch.Tensor | None
 
 
 def release(*buffers: torch.Tensor | None) -> None:
-    """Hand a finished window's ``aux``, left operands and low-precision gate gradients (or, where
-    those left as the input projection's gradient, ``fac``) to the pool (after its backward)."""
+    """Hand a finished window's ``aux``, left operands, low-precision and signed gate gradients
+    (or, where those left as the input projection's gradient, ``fac``) to the pool (after its
+    backward)."""
     POOL.give(*buffers)

@@ -117,31 +117,38 @@ class _LSTMWindow(torch.autograd.Function):
         if ctx.zone is not None:
             zc = zc if zc is not None else ctx.zone[0]
             zh = zh if zh is not None else ctx.zone[1]
-        fused, dg_low = lstm_fused.usable(w, low), None
-        # an xproj that came in `low` gets its gradient in `low`: the C step's bf16 copy of dgates
-        x_low = not ctx.proj and ctx.x_dtype == low
-        if fused:
-            dh, dc, dg_low = lstm_fused.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low,
-                                                        fresh_low=x_low)
-        else:
-            dh, dc = lstm_torchstep.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked, low)
+        fused, dg_low, signed, d_b = lstm_fused.usable(w, low), None, None, None
         h4, hid = w.shape
         need = ctx.needs_input_grad
+        # an xproj that came in `low` gets its gradient in `low`: the C step's bf16 copy of dgates
+        x_low = not ctx.proj and ctx.x_dtype == low
+        want_dd = delta is not None and need[6]
+        if fused:
+            # under bf16 the float32 gate gradients are needed only for an xproj that came in
+            # float32; the C step sums the bias gradient and signs the window's dgates for dΔŴ
+            keep = low is None or not (ctx.proj or x_low)
+            got = lstm_fused.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low,
+                                             fresh_low=x_low, keep=keep, signed=want_dd,
+                                             bias=ctx.proj and need[2])
+            dh, dc, dg_low, signed, d_b = got
+        else:
+            dh, dc = lstm_torchstep.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked, low)
         # the fused step hands the gate gradients back in bf16 too (dg_low), so no cast here
         d_gates = (fac if dg_low is None else dg_low).view(-1, h4)
         hr = hall[:-1] if left is None else left[0] if delta is not None else left
         d_w = _weight_grad(d_gates, hr.reshape(-1, hid), low) if need[5] else None
         d_delta = None
-        if delta is not None and need[6] and dg_low is not None:
-            d_delta = _weight_grad((dg_low * r.to(dg_low.dtype)).view(-1, h4), left[1].reshape(-1, hid), low)
-        elif delta is not None and need[6]:
+        if signed is not None:
+            d_delta = _weight_grad(signed.view(-1, h4), left[1].reshape(-1, hid), low)
+        elif want_dd:
             # dΔ = Σ_t (dgates ∘ r)ᵀ (h̃ ∘ s): flip the signs of dgates in place and back (r ∘ r = 1 exactly)
             fac.mul_(r)
             d_delta = _weight_grad(d_gates, left[1].reshape(-1, hid), low)
             fac.mul_(r)
-        d_x = d_w_ih = d_b = None
+        d_x = d_w_ih = None
         if ctx.proj:  # xproj = x' W_ih'ᵀ + b (lm.nn.lstm_fused.project)
-            d_b = fac.view(-1, h4).sum(0) if need[2] else None
+            if d_b is None and need[2]:
+                d_b = fac.view(-1, h4).sum(0)
             d_w_ih = _weight_grad(d_gates, xl.reshape(-1, xl.shape[-1]), low) if need[1] else None
             if need[0]:
                 d_x = low_mm(d_gates, wl, low).view(*xl.shape).to(ctx.x_dtype)
@@ -151,7 +158,7 @@ class _LSTMWindow(torch.autograd.Function):
         else:
             d_x, spent = fac.to(ctx.x_dtype), None
         if fused:
-            lstm_fused.release(aux, left, dg_low, spent)
+            lstm_fused.release(aux, left, dg_low, spent, signed)
         return (d_x, d_w_ih, d_b, dh if need[3] else None, dc if need[4] else None, d_w, d_delta,
                 None, None, None, None, None, None, None)
 

@@ -19,6 +19,7 @@
  * uses (the same libgomp as torch, which is loaded first).
  */
 #include <math.h>
+#include <omp.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -33,13 +34,14 @@ enum {  /* forward slots */
     F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_BIAS, F_N
 };
 enum {  /* backward slots */
-    B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW, B_N
+    B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW, B_DB, B_N
 };
 enum { Z_NONE = 0, Z_MASK = 1, Z_SCALAR = 2 };
 
 typedef struct {
     int64_t batch, hid;
     int32_t threads, low, save, zc_mode, zh_mode, xlow;  /* xlow: X is bfloat16 */
+    int32_t nokeep, pad;  /* nokeep: backward leaves FAC as it is (the gradients go elsewhere) */
     float zc, zh;     /* zoneout expectations (Z_SCALAR) */
     Slot s[16];
 } Plan;
@@ -197,46 +199,53 @@ void lstm_forward_step(const Plan *p, int64_t t, int64_t steps, const void *p0, 
 }
 
 /* Backward, first half of step t: from dh_t, dc_t (DH, DC at parity (t+1)&1) turn the saved
- * factors into the gate gradients in place, write dc_{t-1} (parity t&1), and the gate gradients
- * signed by r (SIGNED, flipout) and copied to the matmul dtype (DGLOW), for the products. */
-static void bwd_gates_row(const Plan *p, int64_t t, int64_t b) {
-    const int64_t n = p->hid, m = n;
+ * factors into the gate gradients, write dc_{t-1} (parity t&1), and hand the gate gradients on:
+ * in place into FAC (unless `nokeep`: under bf16 nothing reads the float32 copy once DGLOW and DB
+ * have it), signed by r into SIGNED (flipout; a (B, 4H) buffer, or window-long (T, B, 4H) for
+ * the window's dΔŴ), copied to the matmul dtype into DGLOW, and summed over rows and steps into
+ * DB (the bias gradient when the window projected its input): one (4H) row of partial sums per
+ * OpenMP thread, which the caller adds up, so that no two threads write the same sums. */
+static void bwd_gates_row(const Plan *p, int64_t t, int64_t b, int tid) {
+    const int64_t n = p->hid;
     float *fac = AT(p, B_FAC, t, b);
     const float *aux = AT(p, B_AUX, t, b), *ft = aux + n;
     const float *dh = AT(p, B_DH, (t + 1) & 1, b), *dc = AT(p, B_DC, (t + 1) & 1, b);
-    float *dcp = AT(p, B_DC, t & 1, b), *fi = fac, *ff = fac + n, *fg = fac + 2 * n, *fo = fac + 3 * n;
-    if (p->zc_mode == Z_MASK) {
-        const float *zc = AT(p, B_ZC, t, b);
+    float *dcp = AT(p, B_DC, t & 1, b);
+    const float *r = HAS(p, B_SIGNED) ? AT(p, B_R, t, b) : 0;
+    void *sg = HAS(p, B_SIGNED) ? (p->low ? (void *)AT16(p, B_SIGNED, t, b) : (void *)AT(p, B_SIGNED, t, b)) : 0;
+    uint16_t *dgl = HAS(p, B_DGLOW) ? AT16(p, B_DGLOW, t, b) : 0;
+    float *db = HAS(p, B_DB) ? (float *)p->s[B_DB].base + tid * p->s[B_DB].row : 0;
+    const float *zcm = p->zc_mode == Z_MASK ? AT(p, B_ZC, t, b) : 0;
+    float a[4][K], dcn[K], zcs[K];
+    fill(zcs, p->zc_mode == Z_SCALAR ? p->zc : 0.0f);
+    for (int64_t k0 = 0; k0 < n; k0 += K) {
+        const int64_t m = MIN(K, n - k0);
+        const float *zc = zcm ? zcm + k0 : zcs, *au = aux + k0, *fk = ft + k0, *dhk = dh + k0, *dck = dc + k0;
+        float *dcpk = dcp + k0;
         LOOP {
-            const float dcn = dh[k] * aux[k] + dc[k] * (1.0f - zc[k]);
-            fo[k] *= dh[k]; fi[k] *= dcn; ff[k] *= dcn; fg[k] *= dcn;
-            dcp[k] = dcn * ft[k] + dc[k] * zc[k];
+            dcn[k] = dhk[k] * au[k] + dck[k] * (1.0f - zc[k]);
+            dcpk[k] = dcn[k] * fk[k] + dck[k] * zc[k];
         }
-    } else {
-        const float zc = p->zc_mode == Z_SCALAR ? p->zc : 0.0f;
-        LOOP {
-            const float dcn = dh[k] * aux[k] + dc[k] * (1.0f - zc);
-            fo[k] *= dh[k]; fi[k] *= dcn; ff[k] *= dcn; fg[k] *= dcn;
-            dcp[k] = dcn * ft[k] + dc[k] * zc;
+        for (int j = 0; j < 4; j++) {
+            const int64_t o = j * n + k0;
+            const float *by = j == 3 ? dhk : dcn;  /* o: × dh_t; i, f, g: × dc̃_t */
+            float *aj = p->nokeep ? a[j] : fac + o;  /* in place, or only in L1 */
+            const float *f = fac + o;
+            LOOP aj[k] = f[k] * by[k];
+            if (dgl) to_low(dgl + o, aj, m);
+            if (db) { float *d = db + o; LOOP d[k] += aj[k]; }
+            if (sg) {
+                const float *rk = r + o;
+                if (p->low) { uint16_t *q = (uint16_t *)sg + o; LOOP q[k] = f32_to_bf16(aj[k] * rk[k]); }
+                else { float *q = (float *)sg + o; LOOP q[k] = aj[k] * rk[k]; }
+            }
         }
     }
-    const int64_t g4 = 4 * n;
-    if (HAS(p, B_SIGNED)) {
-        const float *r = AT(p, B_R, t, b);
-        if (p->low) {
-            uint16_t *sg = (uint16_t *)p->s[B_SIGNED].base + b * p->s[B_SIGNED].row;
-            _Pragma("GCC ivdep") for (int64_t q = 0; q < g4; q++) sg[q] = f32_to_bf16(fac[q] * r[q]);
-        } else {
-            float *sg = (float *)p->s[B_SIGNED].base + b * p->s[B_SIGNED].row;
-            _Pragma("GCC ivdep") for (int64_t q = 0; q < g4; q++) sg[q] = fac[q] * r[q];
-        }
-    }
-    if (HAS(p, B_DGLOW)) to_low(AT16(p, B_DGLOW, t, b), fac, g4);  /* the window's dgates in bfloat16 */
 }
 
 void lstm_backward_gates(const Plan *p, int64_t t) {
     PAR
-    for (int64_t b = 0; b < p->batch; b++) bwd_gates_row(p, t, b);
+    for (int64_t b = 0; b < p->batch; b++) bwd_gates_row(p, t, b, omp_get_thread_num());
 }
 
 /* Backward, second half of step t: dh_{t-1} = dhall_t + m ∘ (p0 + p1 ∘ s) + dh_t ∘ z^h, with
