@@ -48,6 +48,25 @@ def test_philox_known_answers(ctr, key, expected):
 
 
 @needs_lib
+@pytest.mark.parametrize("n", [4 * 256 + 2, 70_001])
+def test_element_order_is_word_j_of_block_b(n):
+    """Element ``4b + j`` of a draw is word ``j`` of Philox block ``b`` (counter ``(b, 0, 0)``, the
+    seed as key): in whole units of work, across the threads' split (``n`` ≥ 65536) and in the last
+    unit cut short at ``n``. A wrong interleave would pass every distribution test."""
+    lib, seed = fastrand.library(), 0x1234_5678_9ABC_DEF
+    out = torch.empty(n)
+    lib.philox_uniform(out.data_ptr(), n, seed, 2)
+    blocks = (n + 3) // 4
+    for b in sorted({0, 1, 255, 256, 257, blocks // 2, blocks - 2, blocks - 1}):
+        words = (ctypes.c_uint32 * 4)()
+        lib.philox_kat((ctypes.c_uint32 * 4)(b & 0xFFFFFFFF, b >> 32, 0, 0),
+                       (ctypes.c_uint32 * 2)(seed & 0xFFFFFFFF, seed >> 32), words)
+        for j in range(4):
+            if 4 * b + j < n:
+                assert out[4 * b + j].item() == (words[j] >> 8) * 2.0 ** -24, (b, j)
+
+
+@needs_lib
 def test_uniform_distribution():
     torch.manual_seed(0)
     u = fastrand.uniform((N,), torch.empty(0))

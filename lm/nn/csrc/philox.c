@@ -38,12 +38,15 @@ static inline void philox(uint64_t block, uint64_t seed, uint32_t out[4]) {
     philox4x32((uint32_t)block, (uint32_t)(block >> 32), 0, 0, (uint32_t)seed, (uint32_t)(seed >> 32), out);
 }
 
-/* the words of blocks [first, first + count) into w[4][BLOCKS] (one array per word: vectorises) */
+/* the words of blocks [first, first + count) into w[4][BLOCKS] (one array per word: vectorises).
+ * `first` is a multiple of BLOCKS, so the counter's high word is the same for the whole unit and
+ * the loop runs on 32-bit lanes only (twice the lanes of a 64-bit counter per vector). */
 static inline void words(uint64_t first, int64_t count, uint64_t seed, uint32_t w[4][BLOCKS]) {
+    const uint32_t lo = (uint32_t)first, hi = (uint32_t)(first >> 32), k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
     _Pragma("GCC ivdep")
-    for (int64_t b = 0; b < count; b++) {
+    for (int32_t b = 0; b < (int32_t)count; b++) {
         uint32_t o[4];
-        philox(first + (uint64_t)b, seed, o);
+        philox4x32(lo + (uint32_t)b, hi, 0, 0, k0, k1, o);
         w[0][b] = o[0]; w[1][b] = o[1]; w[2][b] = o[2]; w[3][b] = o[3];
     }
 }
@@ -84,11 +87,13 @@ static void fill(float *out, int64_t n, uint64_t seed, int threads, int mode, fl
             }
         }
         const int64_t base = (int64_t)first * 4, left = n - base < 4 * count ? n - base : 4 * count;
-        for (int64_t b = 0; b < count; b++) {  /* element 4b + j of the unit is word j of block b */
-            for (int j = 0; j < 4; j++) {
-                const int64_t i = 4 * b + j;
-                if (i < left) out[base + i] = v[j][b];
+        float *restrict o = out + base;
+        if (left == 4 * count) {  /* a whole unit: element 4b + j is word j of block b */
+            for (int64_t b = 0; b < count; b++) {
+                o[4 * b] = v[0][b]; o[4 * b + 1] = v[1][b]; o[4 * b + 2] = v[2][b]; o[4 * b + 3] = v[3][b];
             }
+        } else {                  /* the last unit, cut short at n */
+            for (int64_t i = 0; i < left; i++) o[i] = v[i & 3][i >> 2];
         }
     }
 }
