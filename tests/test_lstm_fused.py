@@ -365,3 +365,25 @@ def test_bias_and_flipout_gradients_need_no_window_wide_pass(precision):
     for name, a, b in zip(["W_ih", "b", "W_hh", "ΔŴ"], got, ref):
         err = ((a - b).abs().max() / b.abs().max()).item()
         assert err < tol, f"{name}: {err:.2e}"
+
+
+@pytest.mark.parametrize("step", ["fused", "torch"])
+def test_backward_takes_the_output_gradient_without_a_window_copy(monkeypatch, step):
+    """The window returns its output ``(T, B, H)`` and final ``h`` as tensors of their own (the
+    output a view of the kernel's ``(T+1, B, H)`` buffer), so autograd hands their gradients to the
+    kernel as they are: no ``(T+1, B, H)`` gradient is zero-filled, copied into or added up (slicing
+    ``hall[1:]`` and ``hall[-1]`` outside did each, about 3 ms per char window)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if step == "fused" and (lstm_fused.library() is None or not lstm_matmul.onednn_linear_available()):
+        pytest.skip("fused step unavailable")
+    monkeypatch.setattr(lstm_fused, "FUSED", None if step == "fused" else False)
+    inputs, draws = _case(True, "none", False, "masks", torch.float32)
+    with profile(activities=[ProfilerActivity.CPU], record_shapes=True) as prof:
+        out, (h, c) = lstm_window(inputs[0], (inputs[1], inputs[2]), inputs[3], draws)
+        torch.autograd.grad(out.sum() + h.sum() + c.sum(), inputs[:4])
+    whole = [e.name for e in prof.events() if any(list(s) == [T + 1, B, H] for s in e.input_shapes)
+             and e.name in ("aten::fill_", "aten::zero_", "aten::copy_", "aten::add", "aten::add_")]
+    assert whole == [], whole
+    assert out.shape == (T, B, H) and h.shape == (B, H)
+    lstm_fused.clear_pool()

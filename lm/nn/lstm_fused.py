@@ -50,7 +50,7 @@ FUSED: bool | None = None
 """None (default): the C step wherever it applies; False: always the torch loop."""
 
 F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_BIAS = range(15)  # csrc
-B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW, B_DB = range(13)
+B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DOUT, B_DH, B_DC, B_SIGNED, B_DGLOW, B_DB = range(13)
 Z_NONE, Z_MASK, Z_SCALAR = 0, 1, 2
 
 
@@ -218,7 +218,7 @@ def project(x: torch.Tensor, w_ih: torch.Tensor, low: torch.dtype | None, pooled
     return out, xl, wl
 
 
-def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low, fresh_low: bool = False,
+def window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low, fresh_low: bool = False,
                     keep: bool = True, signed: bool = False, bias: bool = False) -> Backward:
     """The step loop of :meth:`lm.nn.lstm_kernel._LSTMWindow._backward` on the fused step: turns
     the saved factors into the gate gradients and returns them as :class:`Backward`.
@@ -236,15 +236,16 @@ def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low, fr
     lib = library()
     steps, batch, h4 = fac.shape
     hid = h4 // 4
-    d_hall = d_hall.to(torch.float32).contiguous()
+    d_out = d_out.to(torch.float32).contiguous()
     dh2, dc2 = fac.new_empty(2, batch, hid), fac.new_empty(2, batch, hid)
-    dh2[steps & 1], dc2[steps & 1] = d_hall[steps], d_c
+    torch.add(d_out[steps - 1], d_h, out=dh2[steps & 1])
+    dc2[steps & 1] = d_c
     flip = delta is not None
     ldt = low or torch.float32
     slot = _Builder(batch, hid, low, True, zc, zh)
     slot.plan.nokeep = int(not keep and low is not None)
     for index, t in ((B_FAC, fac), (B_AUX, aux), (B_ZC, zc), (B_ZH, zh), (B_R, r), (B_S, s), (B_MASK, mask),
-                     (B_DHALL, d_hall), (B_DH, dh2), (B_DC, dc2)):
+                     (B_DOUT, d_out), (B_DH, dh2), (B_DC, dc2)):
         slot(index, t)
     sg = None
     if flip:

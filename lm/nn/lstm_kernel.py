@@ -96,15 +96,17 @@ class _LSTMWindow(torch.autograd.Function):
         zc_t, zh_t = (z if isinstance(z, torch.Tensor) else None for z in (zc, zh))
         ctx.save_for_backward(hall, fac, aux, left, w, delta, stacked, s, r, mask, zc_t, zh_t, xl, wl)
         ctx.zone = (zc, zh) if zc_t is None or zh_t is None else None  # floats (eval expectation) or None
-        return hall, c
+        # the output as a view of hall and the final h as its own tensor: slicing hall outside
+        # would make autograd zero-fill and copy a (T+1, B, H) gradient for each of the two
+        return hall[1:], hall[-1].clone(), c
 
     @staticmethod
-    def backward(ctx, d_hall, d_c):
-        with autocast_off(d_hall.device.type):  # float32 element-wise work, explicit casts
-            return _LSTMWindow._backward(ctx, d_hall, d_c)
+    def backward(ctx, d_out, d_h, d_c):
+        with autocast_off(d_out.device.type):  # float32 element-wise work, explicit casts
+            return _LSTMWindow._backward(ctx, d_out, d_h, d_c)
 
     @staticmethod
-    def _backward(ctx, d_hall, d_c):
+    def _backward(ctx, d_out, d_h, d_c):
         low = ctx.low
         try:
             hall, fac, aux, left, w, delta, stacked, s, r, mask, zc, zh, xl, wl = ctx.saved_tensors
@@ -127,12 +129,13 @@ class _LSTMWindow(torch.autograd.Function):
             # under bf16 the float32 gate gradients are needed only for an xproj that came in
             # float32; the C step sums the bias gradient and signs the window's dgates for dΔŴ
             keep = low is None or not (ctx.proj or x_low)
-            got = lstm_fused.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low,
+            got = lstm_fused.window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low,
                                              fresh_low=x_low, keep=keep, signed=want_dd,
                                              bias=ctx.proj and need[2])
             dh, dc, dg_low, signed, d_b = got
         else:
-            dh, dc = lstm_torchstep.window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked, low)
+            dh, dc = lstm_torchstep.window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked,
+                                                    low)
         # the fused step hands the gate gradients back in bf16 too (dg_low), so no cast here
         d_gates = (fac if dg_low is None else dg_low).view(-1, h4)
         hr = hall[:-1] if left is None else left[0] if delta is not None else left
@@ -181,7 +184,9 @@ def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor, draw
     (see :class:`_LSTMWindow`: on the fused step no ``(T, B, 4H)`` buffer is allocated afresh).
 
     Under ``torch.autocast`` (bf16/fp16) the matmuls run in that dtype and everything else in
-    the weights' float32 (see the module docstring); outputs and state come back in float32."""
+    the weights' float32 (see the module docstring); outputs and state come back in float32.
+    When it is differentiated, the output is a view of the kernel's ``(T+1, B, H)`` buffer
+    (``h_0`` first), so autograd refuses to modify it in place: use out-of-place ops on it."""
     delta, s, r = _flip_parts(draws.flip)
     device = xproj.device.type
     low = autocast_dtype(device) if weight_hh.dtype == torch.float32 else None
@@ -193,9 +198,9 @@ def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor, draw
             draws.cell_mask, draws.zoneout_c, draws.zoneout_h)
     with autocast_off(device):  # the kernel casts explicitly; autocast would break out=
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            hall, c = _LSTMWindow.apply(*args, low)
-        else:
-            hall, c = _run(*args, low, save=False)[0][:2]
+            out, h, c = _LSTMWindow.apply(*args, low)
+            return out, (h, c)
+        hall, c = _run(*args, low, save=False)[0][:2]
     return hall[1:], (hall[-1], c)
 
 

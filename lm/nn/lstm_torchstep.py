@@ -96,9 +96,10 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     return hall, c, fac, aux, left_all, gates.stacked
 
 
-def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked, low):
-    """The torch step loop of the backward pass: turns ``fac`` into the gate gradients in place
-    and returns ``(dh_0, dc_0)`` (:mod:`lm.nn.lstm_fused` does the same with fused steps)."""
+def window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked, low):
+    """The torch step loop of the backward pass: from the gradients of the window's output
+    ``(T, B, H)`` and final state, turns ``fac`` into the gate gradients in place and returns
+    ``(dh_0, dc_0)`` (:mod:`lm.nn.lstm_fused` does the same with fused steps)."""
     steps, batch, h4 = fac.shape
     hid = h4 // 4
     fac_steps = fac.unbind(0)
@@ -108,12 +109,12 @@ def window_backward(d_hall, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked
     s_t, r_t, zc_t, zh_t = (_steps(x, steps) for x in (s, r, zc, zh))
     keep_c = 1 - zc if zc is not None else None
     keep_c_t = _steps(keep_c, steps)
-    d_hs = d_hall.unbind(0)
+    d_hs = (fac.new_zeros(batch, hid), *d_out.to(fac.dtype).unbind(0))  # the gradient of h_t, t = 0..T
     grad_h = HiddenGrad(w, delta, mask, batch, stacked, low)
     new = lambda: fac.new_empty(batch, hid)  # noqa: E731
     dcn = new()
     dc_bufs, dh_bufs = (new(), new()), (new(), new())
-    dh, dc = d_hs[steps], d_c
+    dh, dc = d_hs[steps] + d_h, d_c
     for t in range(steps - 1, -1, -1):
         dgt = fac_steps[t]
         fos[t].mul_(dh)  # d o

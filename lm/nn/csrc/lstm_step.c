@@ -34,7 +34,7 @@ enum {  /* forward slots */
     F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_BIAS, F_N
 };
 enum {  /* backward slots */
-    B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DHALL, B_DH, B_DC, B_SIGNED, B_DGLOW, B_DB, B_N
+    B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DOUT, B_DH, B_DC, B_SIGNED, B_DGLOW, B_DB, B_N
 };
 enum { Z_NONE = 0, Z_MASK = 1, Z_SCALAR = 2 };
 
@@ -248,23 +248,26 @@ void lstm_backward_gates(const Plan *p, int64_t t) {
     for (int64_t b = 0; b < p->batch; b++) bwd_gates_row(p, t, b, omp_get_thread_num());
 }
 
-/* Backward, second half of step t: dh_{t-1} = dhall_t + m ∘ (p0 + p1 ∘ s) + dh_t ∘ z^h, with
- * p0 = dgates W_hh and p1 = (dgates ∘ r) ΔŴ, into DH at parity t&1. */
+/* Backward, second half of step t: dh_{t-1} = dout_{t-1} + m ∘ (p0 + p1 ∘ s) + dh_t ∘ z^h, with
+ * dout_{t-1} the gradient of step t-1's output (DOUT, the window's (T, B, H); none at t = 0, whose
+ * h_{-1} is the initial state), p0 = dgates W_hh and p1 = (dgates ∘ r) ΔŴ, into DH at parity t&1. */
 static void bwd_hidden_row(const Plan *p, int64_t t, int64_t b, const void *p0, const void *p1) {
     const int64_t n = p->hid;
-    const float *base = AT(p, B_DHALL, t, b), *dh = AT(p, B_DH, (t + 1) & 1, b);
+    const float *base = t > 0 ? AT(p, B_DOUT, t - 1, b) : 0, *dh = AT(p, B_DH, (t + 1) & 1, b);
     float *out = AT(p, B_DH, t & 1, b);
     const float *mk = HAS(p, B_MASK) ? AT(p, B_MASK, t, b) : 0, *s = HAS(p, B_S) ? AT(p, B_S, t, b) : 0;
     const float *zhm = p->zh_mode == Z_MASK ? AT(p, B_ZH, t, b) : 0;
-    float v[K], ones[K], zhs[K];
+    float v[K], ones[K], zeros[K], zhs[K];
     fill(ones, 1.0f);
+    fill(zeros, 0.0f);
     fill(zhs, p->zh_mode == Z_SCALAR ? p->zh : 0.0f);
     for (int64_t k0 = 0; k0 < n; k0 += K) {
         const int64_t m = MIN(K, n - k0);
         LOOP v[k] = 0.0f;
         add_from(v, p0, b * n + k0, 0, m, p->low);
         if (p1) add_from(v, p1, b * n + k0, s + k0, m, p->low);
-        const float *mm = mk ? mk + k0 : ones, *zh = zhm ? zhm + k0 : zhs, *bs = base + k0, *dhk = dh + k0;
+        const float *mm = mk ? mk + k0 : ones, *zh = zhm ? zhm + k0 : zhs, *bs = base ? base + k0 : zeros;
+        const float *dhk = dh + k0;
         float *o = out + k0;
         LOOP o[k] = bs[k] + v[k] * mm[k] + dhk[k] * zh[k];
     }
