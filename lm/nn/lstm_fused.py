@@ -180,12 +180,13 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     slot(F_LOW0, h_low, ldt, out=True)
     lin = products(w, delta, low, batch)
     lib.lstm_left(slot.ref, 0)
-    for t in range(steps):
-        if left0 is None:
-            a0 = hall[t] if h_low is None else h_low
-        else:
-            a0 = left0[t if save else 0]
-        a1 = left1[t if save else 0] if flip else None
+    # each step's left operands as views made in one call (a Python index per step costs more)
+    if left0 is None:
+        a0s = hall.unbind(0) if h_low is None else (h_low,) * steps
+    else:
+        a0s = left0.unbind(0) if save else (left0[0],) * steps
+    a1s = (left1.unbind(0) if save else (left1[0],) * steps) if flip else (None,) * steps
+    for t, a0, a1 in zip(range(steps), a0s, a1s):
         p0 = lin[0](a0)
         p1 = lin[1](a1) if flip else None
         lib.lstm_forward_step(slot.ref, t, steps, p0.data_ptr(), _ptr(p1))
@@ -257,10 +258,12 @@ def window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low
     slot(B_DGLOW, dglow, ldt, out=True)
     slot(B_DB, db, out=True)
     lin = products(w, delta, low, batch, backward=True)
+    grads = (fac if dglow is None else dglow).unbind(0)
+    sgs = (sg.unbind(0) if signed else (sg,) * steps) if flip else None
     for t in range(steps - 1, -1, -1):
         lib.lstm_backward_gates(slot.ref, t)
-        p0 = lin[0](fac[t] if dglow is None else dglow[t])
-        p1 = lin[1](sg[t] if signed else sg) if flip else None
+        p0 = lin[0](grads[t])
+        p1 = lin[1](sgs[t]) if flip else None
         lib.lstm_backward_hidden(slot.ref, t, p0.data_ptr(), _ptr(p1))
     # the C code wrote fac through a raw pointer (or, with keep off, left it stale): bump its
     # version, so that a second backward through a retained graph fails on ctx.saved_tensors as
