@@ -122,7 +122,9 @@ class Gauss(WeightNoise):
     def base_perturbation(self, weight: torch.Tensor) -> torch.Tensor | None:
         if self.cfg.sigma == 0:
             return None
-        return weight * randn_like(weight, shared_generator(weight.device)).mul_(self.cfg.sigma)
+        eps = randn_like(weight, shared_generator(weight.device))
+        # σ = 1 is the paper's rate: skip a pass over the (4H, H) noise that would change nothing
+        return weight * (eps if self.cfg.sigma == 1 else eps.mul_(self.cfg.sigma))
 
 
 class GaussFlipout(Gauss):
