@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Is the fused C step faster? Training steps with and without it, interleaved in one process.
 
-For each size and regularizer, one model of ``bench/throughput.py`` (its ``Runner``: forward,
-loss, backward, clipping, optimizer step) is timed in four configurations, in rotating order
+For each size and regularizer, one model of ``bench/throughput.py`` (the ``Runner`` of
+``bench/_models.py``: forward, loss, backward, clipping, optimizer step) is timed in four configurations, in rotating order
 within each round so that slow phases of the machine hit all of them alike:
 
 * ``torch``: the recurrence's element-wise work in torch ops and the noise from torch's
@@ -36,7 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._floor import timed, torch_threads, write_json  # noqa: E402
-from bench.throughput import SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
+from bench._models import SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
 from lm.nn import fastrand, lstm, lstm_fused  # noqa: E402
 from lm.nn.precision import Precision  # noqa: E402
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Where one training step's time goes: ``torch.profiler`` over the step of ``bench/throughput.py``.
 
-Builds the same model, optimizer and random batch as ``bench/throughput.py`` (its ``Runner``:
-forward, loss, backward, clipping, optimizer step) for one regularizer (or ``nn_lstm``, the
+Builds the same model, optimizer and random batch as ``bench/throughput.py`` (the ``Runner`` of
+``bench/_models.py``: forward, loss, backward, clipping, optimizer step) for one regularizer (or ``nn_lstm``, the
 reference) at one size, runs ``--warmup`` steps, times ``--steps`` steps unprofiled, then
 profiles ``--steps`` more and prints each category's time per step (mean over the profiled
 steps), calls per step and share of the profiled step's wall time, then the ops that cost most.
@@ -64,8 +64,8 @@ from torch.profiler import ProfilerActivity, profile
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._floor import timed, torch_threads, write_json  # noqa: E402
 from bench._profiler import profiler_quiet  # noqa: E402
-from bench import throughput  # noqa: E402
-from bench.throughput import REFERENCE, SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
+from bench import _models as models  # noqa: E402
+from bench._models import REFERENCE, SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
 from lm.nn import fastrand, lstm, lstm_fused  # noqa: E402
 from lm.nn.precision import PRECISIONS, Precision  # noqa: E402
 
@@ -208,14 +208,14 @@ def step_as_before(on: bool) -> Iterator[None]:
     """With ``on``: the step as before issue 19 -- torch ops for the recurrence's element-wise work,
     torch's generator for the noise, the input projection outside the window kernel, torch's
     unfused Adam (for runners built inside)."""
-    saved = lstm_fused.FUSED, fastrand.FAST, lstm.WINDOW_PROJECTS, throughput.fused_adam_ok
+    saved = lstm_fused.FUSED, fastrand.FAST, lstm.WINDOW_PROJECTS, models.fused_adam_ok
     if on:
         lstm_fused.FUSED = fastrand.FAST = lstm.WINDOW_PROJECTS = False
-        throughput.fused_adam_ok = lambda params: False
+        models.fused_adam_ok = lambda params: False
     try:
         yield
     finally:
-        lstm_fused.FUSED, fastrand.FAST, lstm.WINDOW_PROJECTS, throughput.fused_adam_ok = saved
+        lstm_fused.FUSED, fastrand.FAST, lstm.WINDOW_PROJECTS, models.fused_adam_ok = saved
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -306,7 +306,7 @@ def test_profile_step_compare_before_and_after(profile_step, tmp_path, capsys):
         assert after["element-wise"] < before["element-wise"] / 2
     assert "| unprofiled step |" in capsys.readouterr().out
     assert lstm_fused.FUSED is None and fastrand.FAST is None
-    assert profile_step.throughput.fused_adam_ok([torch.nn.Parameter(torch.zeros(1))])
+    assert profile_step.models.fused_adam_ok([torch.nn.Parameter(torch.zeros(1))])
 
 
 def test_fused_step_bench_runs(tmp_path, capsys):
