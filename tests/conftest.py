@@ -7,6 +7,7 @@ the real-data tests must never silently skip there.
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -54,3 +55,27 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# -- the fault battery's run (tests/test_faults.py, tests/test_faults_runtime.py) --------------
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, ptb_dir):
+    """A tiny finished-for-now run: 4 steps, validations (and last.pt) at steps 2 and 4."""
+    import train as train_script  # here, not at the top: only these tests need the entry script
+    from tests.tiny import write_tiny
+
+    base = tmp_path_factory.mktemp("faults")
+    os.environ["FLIPOUT_LM_DATA"] = str(tmp_path_factory.getbasetemp() / "lm-data")
+    cfg = write_tiny(base, train={"max_steps": 4, "eval_every_steps": 2, "progress": False})
+    run = base / "run"
+    assert train_script.main(["--config", str(cfg), "--run-dir", str(run)]) == 0
+    return cfg, run
+
+
+@pytest.fixture
+def run_copy(trained, tmp_path):
+    """A private copy of the trained run (and its config file)."""
+    cfg, run = trained
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    return cfg, copy
