@@ -265,9 +265,9 @@ def window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low
         p0 = lin[0](grads[t])
         p1 = lin[1](sgs[t]) if flip else None
         lib.lstm_backward_hidden(slot.ref, t, p0.data_ptr(), _ptr(p1))
-    # the C code wrote fac through a raw pointer (or, with keep off, left it stale): bump its
-    # version, so that a second backward through a retained graph fails on ctx.saved_tensors as
-    # the torch step's does
+    # the C code wrote fac through a raw pointer (with keep off it only read it, but the window's
+    # buffers go back to the pool all the same): bump its version, so that a second backward
+    # through a retained graph fails on ctx.saved_tensors as the torch step's does
     torch.autograd.graph.increment_version(fac)
     return Backward(dh2[0], dc2[0], dglow, sg if signed else None, None if db is None else db.sum(0))
 
