@@ -322,3 +322,20 @@ def test_fused_step_bench_runs(tmp_path, capsys):
     assert "| char | fp32 | zoneout | window |" in capsys.readouterr().out
     from lm.nn import fastrand, lstm, lstm_fused
     assert lstm_fused.FUSED is None and fastrand.FAST is None and lstm.WINDOW_PROJECTS is True
+
+
+def test_c_step_bench_runs(tmp_path, capsys):
+    """bench/c_step.py times the fused C step of a window with its products replaced, forward and
+    backward, and puts the real products back afterwards."""
+    from lm.nn import lstm_fused
+    if lstm_fused.library() is None:
+        pytest.skip("fused step unavailable")
+    module = _load("c_step")
+    real = lstm_fused.products
+    out = tmp_path / "c.json"
+    assert module.main(["--tiny", "--sizes", "char", "--precision", "fp32", "--threads", "1", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [(r["size"], r["kind"]) for r in records] == [("char", "plain"), ("char", "flipout")]
+    assert all(r["forward_ms"] > 0 and r["backward_ms"] > 0 for r in records)
+    assert "| char | fp32 | flipout |" in capsys.readouterr().out
+    assert lstm_fused.products is real and lstm_fused.POOL.bytes() == 0
