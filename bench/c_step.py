@@ -22,13 +22,14 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+import time
 from pathlib import Path
 from typing import Sequence
 
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench._floor import timed, torch_threads, write_json  # noqa: E402
+from bench._floor import torch_threads, write_json  # noqa: E402
 from bench._models import SIZES, TINY  # noqa: E402
 from lm.nn import lstm_fused  # noqa: E402
 from lm.nn.precision import LOW_DTYPES  # noqa: E402
@@ -59,17 +60,18 @@ def measure(steps: int, batch: int, hid: int, kind: str, precision: str, rounds:
     lstm_fused.products = lambda w, delta, low, batch, backward=False: [lambda x: fixed[backward]] * (2 if flip else 1)
     fwd, bwd = [], []
     try:
-        for r in range(rounds + 1):  # the first window fills the pool: not timed
-            out = []
-            fwd.append(timed(lambda: out.append(lstm_fused.window_forward(
+        for _ in range(rounds + 1):  # the first window fills the pool: not timed
+            start = time.perf_counter()
+            _, _, fac, aux, left, _ = lstm_fused.window_forward(
                 a["xproj"], a["h0"], a["c0"], a["w"], a["delta"], a["s"], a["r"], None, None, a["zc"], a["zh"], low,
-                True, a["bias"]))))
-            hall, c, fac, aux, left, _ = out[0]
-            got = []
-            bwd.append(timed(lambda: got.append(lstm_fused.window_backward(
+                True, a["bias"])
+            mid = time.perf_counter()
+            got = lstm_fused.window_backward(
                 a["d_out"], a["d_h"], a["d_c"], fac, aux, a["w"], a["delta"], a["s"], a["r"], None, a["zc"], a["zh"],
-                low, keep=low is None, signed=flip, bias=True))))
-            lstm_fused.release(aux, left, got[0].dgates_low, fac, got[0].signed)
+                low, keep=low is None, signed=flip, bias=True)
+            fwd.append(mid - start)
+            bwd.append(time.perf_counter() - mid)
+            lstm_fused.release(aux, left, got.dgates_low, fac, got.signed)
     finally:
         lstm_fused.products = real
     ms = lambda xs: statistics.median(xs[1:]) * 1e3  # noqa: E731

@@ -34,10 +34,6 @@ static inline void philox4x32(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3
     out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3;
 }
 
-static inline void philox(uint64_t block, uint64_t seed, uint32_t out[4]) {
-    philox4x32((uint32_t)block, (uint32_t)(block >> 32), 0, 0, (uint32_t)seed, (uint32_t)(seed >> 32), out);
-}
-
 /* the words of blocks [first, first + count) into w[4][BLOCKS] (one array per word: vectorises).
  * `first` is a multiple of BLOCKS, so the counter's high word is the same for the whole unit and
  * the loop runs on 32-bit lanes only (twice the lanes of a 64-bit counter per vector). */
