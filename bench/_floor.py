@@ -47,13 +47,14 @@ import json
 import statistics
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lm.nn import lstm_fused, lstm_matmul
+from lm.nn import hardware, lstm_fused, lstm_matmul
 
 Fn = Callable[[], object]
 
@@ -72,7 +73,13 @@ def torch_threads(n: int):
 
 
 def write_json(path, obj) -> None:
-    """``obj`` as indented JSON at ``path`` (its folder created): the scripts' ``--json``."""
+    """``obj`` as indented JSON at ``path`` (its folder created): the scripts' ``--json``. Each
+    record of a list says which machine class measured it (``machine``: CPU model, ISA, bf16
+    units, threads); a script that writes one dict adds it itself."""
+    path = Path(path)
+    for rec in obj if isinstance(obj, list) else []:
+        if isinstance(rec, dict):
+            rec.setdefault("machine", hardware.facts("cpu"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
@@ -216,6 +223,10 @@ def lstm_reference(inp: int, hid: int, layers: int, batch: int, steps: int, *, d
     dev = torch.device(device)
     lstm = nn.LSTM(inp, hid, layers).to(dev)
     x = torch.randn(steps, batch, inp, device=dev, requires_grad=input_grad)
+
+    # where oneDNN has no LSTM in this dtype, nn.LSTM runs in float32 (as the fused layers and
+    # the benchmark's nn.LSTM model do)
+    dtype = None if dev.type == "cpu" and dtype is not None and not hardware.fused_lstm(dtype) else dtype
 
     def run() -> None:
         lstm.zero_grad(set_to_none=True)

@@ -16,7 +16,7 @@ from torch.profiler import record_function
 
 from lm.config import ModelConfig, RegularizerConfig
 from lm.nn.model import LanguageModel, detach_state
-from lm.nn.precision import Precision
+from lm.nn.precision import Precision, fused_in_float32
 from lm.train.optim import fused_adam_ok
 
 REFERENCE = "nn_lstm"
@@ -91,7 +91,11 @@ class NNLSTMModel(nn.Module):
             x = F.one_hot(tokens, self.vocab).to(self.decoder.weight.dtype)
         else:
             x = self.encoder(tokens)
-        out, state = self.rnn(x, state)
+        if fused_in_float32(x.device):  # no oneDNN LSTM in this low dtype here: float32, as the fused layers do
+            with torch.autocast("cpu", enabled=False):
+                out, state = self.rnn(x.float(), state)
+        else:
+            out, state = self.rnn(x, state)
         return self.decoder(out), state
 
 

@@ -39,6 +39,8 @@ from typing import Sequence
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+from lm.nn import hardware  # noqa: E402
 POLICIES = ("today", "one", "auto")
 
 
@@ -100,7 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"{r['pair_wall_s']:.1f} s = {r['pair_wall_over_two_solo']:.2f} x two solo runs in a row", flush=True)
     if args.json:
         out = {"config": args.config, "steps": args.steps, "extra": args.extra, "rows": rows,
-               "machine": {"platform": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
+               "machine": {**hardware.facts("cpu"), "platform": platform.platform(), "cpus": len(os.sched_getaffinity(0)),
                            "torch_default_threads": torch.get_num_threads(), "torch": torch.__version__},
                "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -46,6 +46,7 @@ import torch  # noqa: E402
 from lm.config import load_config  # noqa: E402
 from lm.data.batching import num_windows  # noqa: E402
 from lm.eval.evaluation import evaluate  # noqa: E402
+from lm.nn import hardware  # noqa: E402
 from lm.train.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,7 +123,7 @@ def show(r: dict) -> None:
 
 
 def write(path: str, args: argparse.Namespace, rows: list[dict]) -> None:
-    machine = {"platform": platform.platform(), "processor": platform.processor(),
+    machine = {**hardware.facts("cpu"), "platform": platform.platform(), "processor": platform.processor(),
                "cpus": len(os.sched_getaffinity(0)), "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None}
     out = {"device": args.device, "steps": args.steps, "warmup": args.warmup, "valid_tokens": args.valid_tokens,

@@ -66,7 +66,7 @@ from bench._floor import timed, torch_threads, write_json  # noqa: E402
 from bench._profiler import profiler_quiet  # noqa: E402
 from bench import _models as models  # noqa: E402
 from bench._models import REFERENCE, SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
-from lm.nn import fastrand, lstm, lstm_fused  # noqa: E402
+from lm.nn import fastrand, hardware, lstm, lstm_fused  # noqa: E402
 from lm.nn.precision import PRECISIONS, Precision  # noqa: E402
 
 CATEGORIES = ("per-step matmuls", "window-wide matmuls", "fused LSTM kernel", "element-wise", "weight reorders",
@@ -226,6 +226,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.compare:
         print("\n" + format_change(*recs))
     if args.json:
+        for rec in recs:
+            rec["machine"] = hardware.facts("cpu")
         write_json(args.json, {"before": recs[0], "after": recs[1]} if args.compare else recs[0])
     return 0
 

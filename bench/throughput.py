@@ -97,7 +97,14 @@ from bench._floor import interleave, model_floors, torch_threads, write_json  # 
 from bench._models import (REFERENCE, SIZES, TINY, Runner, Size, build_runners, floor_kind,  # noqa: E402
                            kernel_of, regularizers)
 from bench._profiler import peak_step_memory  # noqa: E402
-from lm.nn.precision import LOW_DTYPES, PRECISIONS, Precision  # noqa: E402
+from lm.nn import hardware  # noqa: E402
+from lm.nn.precision import LOW_DTYPES, PRECISIONS, Precision, fused_in_float32  # noqa: E402
+
+def fused_in_float32_here(device: torch.device, precision: str) -> bool:
+    """Whether nn.LSTM and the fused layers run in float32 under this precision here (no oneDNN LSTM)."""
+    with Precision(precision, device).autocast():
+        return fused_in_float32(device)
+
 
 def floors(size: Size, kinds: Sequence[str], rounds: int, device: torch.device, precision: str,
            step: Callable[[], None]) -> dict[str, dict]:
@@ -150,6 +157,7 @@ def measure(size: Size, names: Sequence[str], device: torch.device, rounds: int,
             "peak_mem_mb": peak_step_memory(runner.train_step, device),
             "threads": torch.get_num_threads(), "rounds": rounds,
             "train_ratios": train[name]["ratios"], "loadavg": load, "precision": precision,
+            "machine": hardware.facts(device), "fused_in_float32": fused_in_float32_here(device, precision),
             "floor_kind": kinds[name], **floor_fields(kinds[name], measured, floor),
         })
     ref_mem = records[0]["peak_mem_mb"]

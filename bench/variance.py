@@ -75,6 +75,7 @@ from lm.analysis.grad_variance import CLASSIC, GATES, SCHEMES, batch_sizes, meas
 from lm.analysis.plots import plot_variance, print_variance_table
 from lm.cli.evaluate import load_model
 from lm.eval.metrics import metric_name
+from lm.nn import hardware
 from lm.nn.model import LanguageModel, count_parameters
 from lm.analysis.stats import summarize, t_stat_equal, tail_summary
 from lm.train.trainer import Trainer
@@ -263,7 +264,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "schemes": schemes,
         "comparison": comparison,
         "runtime_s": time.perf_counter() - t_start,
-        "machine": {"torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
+        "machine": {**hardware.facts("cpu"), "torch": torch.__version__, "threads": torch.get_num_threads(), "python": platform.python_version(),
                     "processor": platform.processor() or platform.machine()},
     }
     json_path = Path(args.json) if args.json else out / "variance.json"

@@ -25,7 +25,7 @@ import pytest
 import torch
 
 from lm.config import RegularizerConfig as R
-from lm.nn import lstm_fused, lstm_matmul
+from lm.nn import hardware, lstm_fused, lstm_matmul
 from lm.nn.lstm import LSTMLayer
 from lm.nn.precision import Precision, autocast_dtype, set_tf32, tf32_flags
 from lm.regularizers import build_regularizer
@@ -85,7 +85,11 @@ def compare_bf16(name: str, device: str = "cpu") -> list[float]:
         tol = bf16_tolerance()
         assert err <= tol, f"{name}: {label} differs by {err / U_BF16:.1f}u > {tol / U_BF16:.0f}u"
         errors.append(err)
-    assert max(errors) > 0, f"{name}: bf16 gave float32's numbers bit for bit: the matmuls did not run in bf16"
+    if device == "cpu" and reg.layer_noise(layer, B, T).fused and not hardware.fused_lstm(torch.bfloat16):
+        # no oneDNN bf16 LSTM on this CPU: the fused layer falls back to float32, bit for bit
+        assert max(errors) == 0, f"{name}: the float32 fallback of the fused layer differs from float32"
+    else:
+        assert max(errors) > 0, f"{name}: bf16 gave float32's numbers bit for bit: the matmuls did not run in bf16"
     return errors
 
 
@@ -156,6 +160,50 @@ def test_policy_autocast_and_scaler():
     assert not Precision("bf16", "cpu").scaler().is_enabled()
     desc = Precision("fp32", "cpu").describe()
     assert desc["torch"] == torch.__version__ and desc["device"] == "cpu" and desc["device_name"]
+
+
+@pytest.mark.parametrize("available", [True, False], ids=["oneDNN-bf16-LSTM", "no-oneDNN-bf16-LSTM"])
+def test_fused_layer_falls_back_to_float32_without_a_bf16_lstm(available):
+    """With the probe forced either way: where oneDNN has no bf16 LSTM the fused layer runs in float32
+    (the same numbers as float32, bit for bit); where it has one, in bf16 (different numbers)."""
+    if available and not hardware.fused_lstm(torch.bfloat16):
+        pytest.skip("oneDNN has no bf16 LSTM on this CPU")
+    torch.manual_seed(0)
+    layer = LSTMLayer(IN, H)
+    reg = build_regularizer(R(name="none")).train(True)
+    x, state = torch.randn(T, B, IN), (torch.zeros(B, H), torch.zeros(B, H))
+    ref, _ = layer(x, state, reg.layer_noise(layer, B, T))
+    with hardware.force(fused_lstm_bfloat16=available), torch.autocast("cpu", dtype=torch.bfloat16):
+        out, (h, c) = layer(x, state, reg.layer_noise(layer, B, T))
+    assert h.dtype == c.dtype == torch.float32
+    assert torch.equal(out.float(), ref) != available
+
+
+def test_lstm_probe_is_immune_to_the_context_of_its_first_call():
+    """Probed first inside inference mode under float16 autocast, the bf16 answer equals the one
+    probed in a plain context (a probe that inherited the context would answer for the wrong dtype)."""
+    hardware._fused_lstm_probe.cache_clear()
+    try:
+        with torch.inference_mode(), torch.autocast("cpu", dtype=torch.float16):
+            inside = [hardware.fused_lstm(d) for d in (torch.bfloat16, torch.float16)]
+        hardware._fused_lstm_probe.cache_clear()
+        assert inside == [hardware.fused_lstm(d) for d in (torch.bfloat16, torch.float16)]
+    finally:
+        hardware._fused_lstm_probe.cache_clear()
+
+
+@pytest.mark.parametrize("units", [True, False])
+def test_the_plan_says_what_runs_in_which_dtype(units):
+    """The start-up summary's precision line and its notices follow the probes, forced either way."""
+    with hardware.force(fused_lstm_bfloat16=units, bf16_units=units, isa="AVX2"):
+        plan, notices = Precision("bf16", "cpu").plan()
+        desc = Precision("bf16", "cpu").describe()
+    assert plan.startswith("bf16: matmuls in bf16") and "state, loss and optimizer in float32" in plan
+    assert ("fused layers (oneDNN LSTM) in bf16" in plan) == units and ("fused layers in float32" in plan) != units
+    assert any("no bf16 units" in n for n in notices) != units
+    assert any("has no bf16 LSTM on this CPU (AVX2)" in n for n in notices) != units
+    assert desc["machine"]["isa"] == "AVX2" and desc["machine"]["bf16_units"] == units and desc["plan"] == plan
+    assert Precision("fp32", "cpu").plan() == ("fp32: everything in float32", [])
 
 
 def test_fp16_on_cpu_runs_the_fused_layer():

@@ -76,6 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                      "lower --batch-size" + (" or raise --max-tokens" if args.max_tokens else ""))
     tf32 = cfg.train.tf32 if args.tf32 is None else args.tf32 == "on"
     precision = Precision(args.precision or cfg.train.precision, model.decoder.weight.device, tf32)
+    for notice in precision.plan()[1]:  # a float32 fallback, or bf16 slower than fp32 on this CPU
+        print(notice, file=sys.stderr)
     with torch.inference_mode():
         result = evaluate(model, data, corpus.level,
                           args.batch_size or cfg.eval.batch_size, args.bptt or cfg.eval.bptt, precision)

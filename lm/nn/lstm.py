@@ -38,7 +38,7 @@ from torch.func import functional_call
 from lm.nn.flipout import flipout_linear
 from lm.nn.lstm_kernel import lstm_window
 from lm.nn.noise import RecurrentNoise, State, WindowDraws, draw_window
-from lm.nn.precision import autocast_dtype
+from lm.nn.precision import fused_in_float32
 
 WINDOW_PROJECTS = True
 """True (default): the window kernel computes the input projection itself (into a reused buffer,
@@ -117,9 +117,9 @@ class LSTMLayer(nn.Module):
 
     def _fused(self, x: torch.Tensor, state: State, noise: RecurrentNoise) -> tuple[torch.Tensor, State]:
         h0, c0 = state[0].unsqueeze(0), state[1].unsqueeze(0)
-        # oneDNN's CPU LSTM has no float16 kernel ("could not create a primitive descriptor"):
-        # under fp16 autocast on a CPU the fused layer runs in float32
-        fp32 = x.device.type == "cpu" and autocast_dtype("cpu") == torch.float16
+        # oneDNN's CPU LSTM has no float16 kernel anywhere and no bfloat16 one without bf16 units
+        # ("could not create a primitive descriptor"): there the fused layer runs in float32
+        fp32 = fused_in_float32(x.device)
         with torch.autocast("cpu", enabled=False) if fp32 else contextlib.nullcontext():
             x = x.to(state[0].dtype) if fp32 else x
             if noise.weight_ih is self.weight_ih and noise.weight_hh is self.weight_hh:

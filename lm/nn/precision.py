@@ -21,11 +21,11 @@
 from __future__ import annotations
 
 import contextlib
-import platform
 
 import torch
 
 from lm.errors import UserError
+from lm.nn import hardware
 
 PRECISIONS = ("fp32", "bf16", "fp16")
 LOW_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -70,14 +70,22 @@ def device_name(device: torch.device) -> str:
     """A human-readable name of the device (the GPU model, or the CPU)."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "cpu"
+    return hardware.cpu_model()
+
+
+def fused_in_float32(device: torch.device) -> bool:
+    """Whether the fused layers (PyTorch's own LSTM) must leave autocast and run in float32 here:
+    on a CPU under a low dtype for which oneDNN has no LSTM (:func:`lm.nn.hardware.fused_lstm`)."""
+    if device.type != "cpu":
+        return False
+    dtype = autocast_dtype("cpu")
+    return dtype is not None and not hardware.fused_lstm(dtype)
+
+
+BF16_WITHOUT_UNITS = 0.5
+"""fp32 tokens/s over bf16 tokens/s is at least this far from parity on a CPU without bf16 units:
+``python bench/throughput.py --precision fp32,bf16`` under ``ONEDNN_MAX_CPU_ISA=AVX2
+ATEN_CPU_CAPABILITY=avx2`` (docs/hardware.md)."""
 
 
 class Precision:
@@ -105,8 +113,32 @@ class Precision:
         """A gradient scaler, enabled for fp16 only (a disabled one passes everything through)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.name == "fp16")
 
+    def plan(self) -> tuple[str, list[str]]:
+        """What runs in which dtype on this machine (the start-up summary's ``precision`` line),
+        and the notices that go with it (a float32 fallback, bf16 slower than fp32 here)."""
+        if self.dtype is None:
+            return "fp32: everything in float32", []
+        low, notices = self.name, []
+        parts = [f"matmuls in {low}", "cell update, state, loss and optimizer in float32"]
+        if self.device.type == "cuda":
+            parts.insert(1, f"fused layers (cuDNN LSTM) in {low}")
+        else:
+            if hardware.fused_lstm(self.dtype):
+                parts.insert(1, f"fused layers (oneDNN LSTM) in {low}")
+            else:
+                parts.insert(1, "fused layers in float32")
+                notices.append(f"notice: oneDNN has no {low} LSTM on this CPU ({hardware.isa()}): the fused "
+                               f"layers (regularizers without per-example or per-step noise) run in float32")
+            if self.dtype is torch.bfloat16 and not hardware.bf16_units():
+                notices.append("notice: this CPU has no bf16 units: bf16 matmuls are emulated and training runs "
+                               f"at about {BF16_WITHOUT_UNITS:.1f}x the speed of fp32 or slower; use "
+                               "--train.precision fp32 here")
+        return f"{low}: " + "; ".join(parts), notices
+
     def describe(self) -> dict:
-        """What results.json records: precision, device, its name, torch version, TF32 flags."""
+        """What results.json records: precision, device, its name and machine class (ISA, bf16
+        units), torch version, TF32 flags, and what runs in float32 instead."""
         return {"precision": self.name, "device": str(self.device), "device_name": device_name(self.device),
+                "machine": hardware.facts(self.device), "plan": self.plan()[0],
                 "torch": torch.__version__, "tf32": tf32_flags(),
                 "cudnn": torch.backends.cudnn.version() if self.device.type == "cuda" else None}

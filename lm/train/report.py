@@ -96,6 +96,13 @@ def startup_lines(cfg: Config, run_dir: Path, resume: bool, device: str, threads
     ]
 
 
+def precision_lines(precision) -> list[str]:
+    """What runs in which dtype (``precision`` line), then its notices (a float32 fallback, bf16
+    slower than fp32 on this CPU)."""
+    plan, notices = precision.plan()
+    return [f"  precision   {plan}", *notices]
+
+
 def data_line(corpus, steps_per_epoch: int) -> str:
     sizes = " | ".join(f"{s} {corpus.split(s).numel():,}" for s in ("train", "valid", "test"))
     return f"  data        {sizes} tokens, vocabulary {len(corpus.vocab):,}; {steps_per_epoch:,} steps per epoch"

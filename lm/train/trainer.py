@@ -31,6 +31,7 @@ from lm.data.custom import load_data, save_tokenizer
 from lm.eval.evaluation import evaluate
 from lm.eval.metrics import add_text_bpc, from_nats, metric_name
 from lm.files import atomic_write
+from lm.nn import hardware
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
 from lm.nn.rng import shared_noise
@@ -66,9 +67,12 @@ class Trainer:
         self.threads = ThreadPolicy(cfg.train.threads, enabled=self.device.type == "cpu")  # lm/train/threads.py
         self.threads.start()
         say = report.say if self.dist.is_main else (lambda line: None)
-        for line in report.startup_lines(cfg, self.run_dir, resume, str(self.device), self.threads.describe()):
+        for line in report.startup_lines(cfg, self.run_dir, resume, hardware.describe(self.device),
+                                         self.threads.describe()):
             say(line)  # before data loading: a redirected log says at once what runs where
         self.precision = Precision(cfg.train.precision, self.device, cfg.train.tf32)  # sets the TF32 flags
+        for line in report.precision_lines(self.precision):  # what runs in which dtype here, and why
+            say(line)
         self.scaler = self.precision.scaler()  # fp16 loss scaling; a pass-through otherwise
         torch.manual_seed(cfg.train.seed)
         # a resumed run reuses its own tokenizer; rank 0 loads first (it fills caches, trains SentencePiece)
