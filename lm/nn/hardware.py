@@ -84,7 +84,7 @@ def isa() -> str:
         return str(forced)
     aten = torch.backends.cpu.get_cpu_capability()
     cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "").upper()
-    return f"{aten} (oneDNN {cap})" if cap and cap not in ("ALL", "DEFAULT") else aten
+    return f"{aten} (oneDNN {cap})" if cap and cap not in ("ALL", "DEFAULT", aten.upper()) else aten
 
 
 def bf16_units() -> bool:
