@@ -149,6 +149,8 @@ def window_matmuls(hid: int, inp: int, batch: int, steps: int, flip: bool, *, pa
     ``packed``: force the ``packed`` (True) or ``bmm`` (False) backend of :mod:`lm.nn.lstm_matmul`;
     None keeps the kernel's own choice. ``dtype``: the low precision of the matmuls, or None."""
     dev = torch.device(device)
+    if dev.type == "cpu" and dtype is not None and not hardware.onednn_linear(dtype):
+        dtype = None  # the window kernel's float32 fallback (lm.nn.precision.window_dtype)
     new = lambda *shape: torch.randn(*shape, device=dev)  # noqa: E731
     w = new(4 * hid, hid) / hid ** 0.5
     delta = torch.randn_like(w) if flip else None

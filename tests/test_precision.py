@@ -85,10 +85,12 @@ def compare_bf16(name: str, device: str = "cpu") -> list[float]:
         tol = bf16_tolerance()
         assert err <= tol, f"{name}: {label} differs by {err / U_BF16:.1f}u > {tol / U_BF16:.0f}u"
         errors.append(err)
-    if device == "cpu" and reg.layer_noise(layer, B, T).fused and not hardware.fused_lstm(torch.bfloat16):
-        # no oneDNN bf16 LSTM on this CPU: the fused layer falls back to float32, bit for bit
-        assert max(errors) == 0, f"{name}: the float32 fallback of the fused layer differs from float32"
-    else:
+    noise = reg.layer_noise(layer, B, T)
+    fallback = device == "cpu" and not (hardware.fused_lstm if noise.fused else hardware.onednn_linear)(torch.bfloat16)
+    if fallback and (noise.fused or noise.flip_ih is None):
+        # no oneDNN bf16 LSTM (fused) or linear (window kernel) on this CPU: float32, bit for bit
+        assert max(errors) == 0, f"{name}: the float32 fallback differs from float32"
+    else:  # (a flipout input projection outside the window kernel stays in bf16 under the fallback)
         assert max(errors) > 0, f"{name}: bf16 gave float32's numbers bit for bit: the matmuls did not run in bf16"
     return errors
 
@@ -162,18 +164,23 @@ def test_policy_autocast_and_scaler():
     assert desc["torch"] == torch.__version__ and desc["device"] == "cpu" and desc["device_name"]
 
 
-@pytest.mark.parametrize("available", [True, False], ids=["oneDNN-bf16-LSTM", "no-oneDNN-bf16-LSTM"])
-def test_fused_layer_falls_back_to_float32_without_a_bf16_lstm(available):
-    """With the probe forced either way: where oneDNN has no bf16 LSTM the fused layer runs in float32
-    (the same numbers as float32, bit for bit); where it has one, in bf16 (different numbers)."""
-    if available and not hardware.fused_lstm(torch.bfloat16):
-        pytest.skip("oneDNN has no bf16 LSTM on this CPU")
+@pytest.mark.parametrize("available", [True, False], ids=["oneDNN-has-it", "oneDNN-lacks-it"])
+@pytest.mark.parametrize("name,probe", [("none", "fused_lstm"), ("zoneout", "onednn_linear")],
+                         ids=["fused-layer", "window-kernel"])
+def test_layers_fall_back_to_float32_without_onednn_bf16(available, name, probe):
+    """With the probe forced either way: where oneDNN has no bf16 LSTM (fused layer) or no bf16
+    linear (window kernel) the layer runs in float32 (float32's numbers, bit for bit); where it has
+    one, in bf16 (different numbers)."""
+    if available and not getattr(hardware, probe)(torch.bfloat16):
+        pytest.skip(f"oneDNN has no bf16 {probe} on this CPU")
     torch.manual_seed(0)
     layer = LSTMLayer(IN, H)
-    reg = build_regularizer(R(name="none")).train(True)
+    reg = build_regularizer(REGULARIZERS[name]).train(True)
     x, state = torch.randn(T, B, IN), (torch.zeros(B, H), torch.zeros(B, H))
+    torch.manual_seed(1)
     ref, _ = layer(x, state, reg.layer_noise(layer, B, T))
-    with hardware.force(fused_lstm_bfloat16=available), torch.autocast("cpu", dtype=torch.bfloat16):
+    torch.manual_seed(1)
+    with hardware.force(**{f"{probe}_bfloat16": available}), torch.autocast("cpu", dtype=torch.bfloat16):
         out, (h, c) = layer(x, state, reg.layer_noise(layer, B, T))
     assert h.dtype == c.dtype == torch.float32
     assert torch.equal(out.float(), ref) != available
@@ -195,13 +202,14 @@ def test_lstm_probe_is_immune_to_the_context_of_its_first_call():
 @pytest.mark.parametrize("units", [True, False])
 def test_the_plan_says_what_runs_in_which_dtype(units):
     """The start-up summary's precision line and its notices follow the probes, forced either way."""
-    with hardware.force(fused_lstm_bfloat16=units, bf16_units=units, isa="AVX2"):
+    with hardware.force(fused_lstm_bfloat16=units, onednn_linear_bfloat16=units, bf16_units=units, isa="AVX2"):
         plan, notices = Precision("bf16", "cpu").plan()
         desc = Precision("bf16", "cpu").describe()
-    assert plan.startswith("bf16: matmuls in bf16") and "state, loss and optimizer in float32" in plan
+    assert plan.startswith("bf16: ") and "matmuls in bf16" in plan and "state, loss and optimizer in float32" in plan
     assert ("fused layers (oneDNN LSTM) in bf16" in plan) == units and ("fused layers in float32" in plan) != units
     assert any("no bf16 units" in n for n in notices) != units
     assert any("has no bf16 LSTM on this CPU (AVX2)" in n for n in notices) != units
+    assert ("window kernels in float32" in plan) != units and any("no bf16 matmul" in n for n in notices) != units
     assert desc["machine"]["isa"] == "AVX2" and desc["machine"]["bf16_units"] == units and desc["plan"] == plan
     assert Precision("fp32", "cpu").plan() == ("fp32: everything in float32", [])
 

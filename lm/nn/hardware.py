@@ -15,6 +15,8 @@ The facts and what follows from them (:mod:`lm.nn.precision` turns them into a p
 * oneDNN's LSTM under CPU autocast, per low dtype: float16 has none anywhere, bfloat16 only with
   bf16 units (``could not create a primitive descriptor`` otherwise); the fused layers then run
   in float32 (:meth:`lm.nn.lstm.LSTMLayer._fused`);
+* oneDNN's linear per low dtype (:func:`onednn_linear`): without it the window kernel's matmuls
+  run in float32 (:func:`lm.nn.precision.window_dtype`);
 * on CUDA, the device's compute capability (bf16 needs 8.0).
 
 Tests force a probe either way with :func:`force` (a context manager).
@@ -28,6 +30,8 @@ import os
 import platform
 
 import torch
+
+from lm.nn.lstm_matmul import onednn_linear_available
 
 # oneDNN ISA names (ONEDNN_MAX_CPU_ISA) under which its bf16 instructions are not used
 _ONEDNN_NO_BF16 = {"SSE41", "AVX", "AVX2", "AVX2_VNNI", "AVX2_VNNI_2", "AVX512_CORE", "AVX512_CORE_VNNI"}
@@ -123,6 +127,13 @@ def fused_lstm(dtype: torch.dtype) -> bool:
     """Whether PyTorch's CPU LSTM (oneDNN) runs forward and backward under autocast to ``dtype``."""
     forced = _forced("fused_lstm_" + str(dtype).removeprefix("torch."))
     return bool(forced) if forced is not None else _fused_lstm_probe(dtype)
+
+
+def onednn_linear(dtype: torch.dtype) -> bool:
+    """Whether oneDNN multiplies in ``dtype`` on this CPU (:func:`lm.nn.lstm_matmul.onednn_linear_available`):
+    without it, ATen's emulated bf16/fp16 matmuls run several times slower than float32."""
+    forced = _forced("onednn_linear_" + str(dtype).removeprefix("torch."))
+    return bool(forced) if forced is not None else onednn_linear_available(dtype)
 
 
 def cuda_capability(device: torch.device) -> tuple[int, int]:

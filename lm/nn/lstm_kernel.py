@@ -39,7 +39,7 @@ from lm.nn import lstm_fused, lstm_torchstep
 from lm.nn.flipout import Flip
 from lm.nn.lstm_matmul import low_mm
 from lm.nn.noise import State, WindowDraws
-from lm.nn.precision import autocast_dtype, autocast_off
+from lm.nn.precision import autocast_dtype, autocast_off, window_dtype
 
 
 def _flip_parts(flip: Flip | None):
@@ -189,7 +189,9 @@ def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor, draw
     (``h_0`` first), so autograd refuses to modify it in place: use out-of-place ops on it."""
     delta, s, r = _flip_parts(draws.flip)
     device = xproj.device.type
-    low = autocast_dtype(device) if weight_hh.dtype == torch.float32 else None
+    low = window_dtype(device) if weight_hh.dtype == torch.float32 else None
+    if low is None and xproj.dtype != weight_hh.dtype and xproj.dtype == autocast_dtype(device):
+        xproj = xproj.to(weight_hh.dtype)  # a float32 fallback (no oneDNN low matmul here) takes float32 input
     # under autocast the input projection arrives in `low` and stays so: the fused step reads it
     # directly, the torch step casts it (_window_forward); the gradient goes back in `low`
     if weight_ih is not None and bias is None:

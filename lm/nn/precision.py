@@ -82,6 +82,17 @@ def fused_in_float32(device: torch.device) -> bool:
     return dtype is not None and not hardware.fused_lstm(dtype)
 
 
+def window_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype of the window kernel's matmuls now: autocast's low dtype (:func:`autocast_dtype`),
+    or None (float32) on a CPU where oneDNN has no linear in it (no bf16 units): ATen's emulated
+    bf16 matmuls train the char window kernels at 0.15-0.17x of float32's speed there
+    (docs/hardware.md), float32 matmuls at full speed."""
+    dtype = autocast_dtype(device_type)
+    if dtype is not None and device_type == "cpu" and not hardware.onednn_linear(dtype):
+        return None
+    return dtype
+
+
 BF16_WITHOUT_UNITS = 0.5
 """fp32 tokens/s over bf16 tokens/s is at least this far from parity on a CPU without bf16 units:
 ``python bench/throughput.py --precision fp32,bf16`` under ``ONEDNN_MAX_CPU_ISA=AVX2
@@ -123,6 +134,11 @@ class Precision:
         if self.device.type == "cuda":
             parts.insert(1, f"fused layers (cuDNN LSTM) in {low}")
         else:
+            if not hardware.onednn_linear(self.dtype):
+                parts[0] = f"decoder and input matmuls in {low}"
+                parts.insert(1, "window kernels in float32")
+                notices.append(f"notice: oneDNN has no {low} matmul on this CPU ({hardware.isa()}): the window "
+                               "kernels (per-example or per-step noise) run in float32")
             if hardware.fused_lstm(self.dtype):
                 parts.insert(1, f"fused layers (oneDNN LSTM) in {low}")
             else:
