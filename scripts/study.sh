@@ -9,7 +9,7 @@
 # Each config runs as a seed sweep (`train.py --seeds`), so rerunning the script skips finished
 # seeds and resumes interrupted ones. Two sweeps run at a time, each on one thread: on a 2-core
 # machine that uses both cores without OpenMP oversubscription (two 2-thread torch processes on
-# 2 cores run many times slower). Needs PTB: PTB_DIR or data/ptb (see README, "Data").
+# 2 cores run many times slower). Needs PTB: PTB_DIR or data/ptb (see docs/data.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
