@@ -41,7 +41,8 @@ python train.py --help          # the same keys, defaults and meanings as this p
 ```
 
 An unknown key, a wrong type or an invalid value exits with code 2 and one line naming the key
-and what is expected, e.g. `error: unknown config key 'optim.lrr': valid keys in optim are name, lr, ...`.
+and what is expected; a misspelt key in `optim`, for one, prints
+`error: unknown config key ...: valid keys in optim are name, lr, ...`.
 Which keys may change on `--resume` is in
 [training.md](training.md#changing-settings-on-resume).
 """
