@@ -54,6 +54,6 @@ echo "training took $(( ($(date +%s) - start) / 60 )) min"
 
 for level in char word; do  # one table per level, rows in the order of $REGULARIZERS
   # shellcheck disable=SC2046
-  $PY evaluate.py compare $(for reg in $REGULARIZERS; do echo "$STUDY_DIR/$level/$reg"; done) --out "docs/study/$level"
+  $PY evaluate.py compare $(for reg in $REGULARIZERS; do echo "$STUDY_DIR/$level/$reg"; done) --out "docs/measurements/study/$level"
 done
 $PY -m lm.analysis.study_report --study-dir "$STUDY_DIR" --out docs/results.md

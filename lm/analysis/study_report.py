@@ -222,9 +222,9 @@ def render(study_dir: Path, levels: dict[str, dict], notes: str | None) -> str:
         out += [f"## {level.capitalize()} level", "",
                 f"Mean ± sample std over seeds; test at the best-validation checkpoint. Paper figures: Wen et al. "
                 f"2018, {paper_table}, at the paper's full size and data. Full tables and curves: "
-                f"[`docs/study/{level}/compare.md`](study/{level}/compare.md).", "",
+                f"[`docs/measurements/study/{level}/compare.md`](measurements/study/{level}/compare.md).", "",
                 *results_table(level, data), "",
-                f"![{level} learning curves](study/{level}/curves.png)", "",
+                f"![{level} learning curves](measurements/study/{level}/curves.png)", "",
                 "Paper findings tested on these seeds (Welch's t-test on the test figures, two-sided, "
                 f"α = {ALPHA}; with 3 seeds a test has low power, so *no significant difference* is not *equal*):",
                 "", *findings(level, data), ""]
