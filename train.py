@@ -2,7 +2,7 @@
 """Train an LSTM language model on PTB: ``python train.py --config char_flipout.yaml``.
 
 Seed sweeps: ``--seeds 1 2 3``; several GPUs: ``torchrun --nproc_per_node 4 train.py ...``;
-your own text: ``data.path`` (docs/workflow.md).
+your own text: ``data.path`` (docs/data.md).
 """
 
 import sys

@@ -19,7 +19,7 @@ pair's wall time against two solo runs one after the other; ``--json`` writes al
 
 Usage (the issue's target: each of two ``auto`` runs at >= 0.45 of its solo speed)::
 
-    PTB_DIR=../shared/data/ptb python bench/concurrency.py --steps 2000 --json docs/concurrency.json
+    PTB_DIR=../shared/data/ptb python bench/concurrency.py --steps 2000 --json docs/measurements/concurrency.json
     python bench/concurrency.py --config tests/tiny.yaml --steps 20      # seconds: does it work
 """
 

@@ -133,7 +133,7 @@ def write(path: str, args: argparse.Namespace, rows: list[dict]) -> None:
 
 
 def markdown(path: str) -> str:
-    """The README's "How long and how big" table from a ``--json`` file."""
+    """The time-per-epoch table of docs/performance.md from a ``--json`` file."""
     out = json.loads(Path(path).read_text())
     lines = ["| config | parameters | s / step | steps / epoch | validation | **time / epoch** | epochs (cap) "
              "| whole run at the cap | disk per run (best.pt + last.pt) |", "|---|---|---|---|---|---|---|---|---|"]

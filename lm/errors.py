@@ -1,6 +1,6 @@
 """User-facing errors and the wrapper that turns them into one line and a documented exit code.
 
-Exit codes (README, "Guarantees"): 0 done; 1 the run diverged; 2 bad input (config, data,
+Exit codes (docs/guarantees.md): 0 done; 1 the run diverged; 2 bad input (config, data,
 checkpoint, CLI, run directory); 3 the run directory could not be written (disk full,
 read-only file system); 130 / 143 interrupted by Ctrl-C (SIGINT) / SIGTERM.
 """

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Does a 2-process run (torchrun, gloo on CPU) mean what the 1-process run means? Short quickstart
 # runs for regularizers whose only noise is shared by the batch; prints the validation loss of each
-# (docs/workflow.md, "Multi-GPU and multi-node"). Usage: scripts/ddp_match.sh [OUT_DIR] [STEPS]
+# (docs/distributed.md). Usage: scripts/ddp_match.sh [OUT_DIR] [STEPS]
 set -euo pipefail
 out=${1:-runs/ddp_match}
 steps=${2:-60}

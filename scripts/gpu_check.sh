@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One-command GPU check (README, "Precision"): on a machine with a CUDA GPU, in under 8 minutes,
+# One-command GPU check (docs/hardware.md): on a machine with a CUDA GPU, in under 8 minutes,
 #   1. the tests marked `cuda` (kernel vs reference loop on CUDA in fp32 and bf16, no host sync in
 #      the recurrence, a few steps of every paper config, a GPU checkpoint loaded on a CPU);
 #   2. the throughput table on the GPU in fp32 and bf16 (bench/throughput.py --quick);
@@ -10,7 +10,7 @@
 #   bash scripts/gpu_check.sh --out /tmp/gc --dry-run         # the same steps on the CPU, tiny sizes (~30 s)
 #   PRECISION=fp32 TRAIN_SECONDS=120 bash scripts/gpu_check.sh --out DIR
 #
-# Needs PTB (PTB_DIR or data/ptb; README, "Data"). A failing step is recorded in the summary and
+# Needs PTB (PTB_DIR or data/ptb; docs/data.md). A failing step is recorded in the summary and
 # the script goes on; its exit code is 1 if any step failed.
 set -uo pipefail
 cd "$(dirname "$0")/.."

@@ -9,7 +9,7 @@
 # Each config runs as a seed sweep (`train.py --seeds`), so rerunning the script skips finished
 # seeds and resumes interrupted ones. Two sweeps run at a time, each on one thread: on a 2-core
 # machine that uses both cores without OpenMP oversubscription (two 2-thread torch processes on
-# 2 cores run many times slower). Needs PTB: PTB_DIR or data/ptb (see README, "Data").
+# 2 cores run many times slower). Needs PTB: PTB_DIR or data/ptb (see docs/data.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -54,6 +54,6 @@ echo "training took $(( ($(date +%s) - start) / 60 )) min"
 
 for level in char word; do  # one table per level, rows in the order of $REGULARIZERS
   # shellcheck disable=SC2046
-  $PY evaluate.py compare $(for reg in $REGULARIZERS; do echo "$STUDY_DIR/$level/$reg"; done) --out "docs/study/$level"
+  $PY evaluate.py compare $(for reg in $REGULARIZERS; do echo "$STUDY_DIR/$level/$reg"; done) --out "docs/measurements/study/$level"
 done
 $PY -m lm.analysis.study_report --study-dir "$STUDY_DIR" --out docs/results.md

@@ -1,5 +1,5 @@
 """The fault battery (issue 12), part 1: starting, resuming and configuring a run. Nothing a user
-wrote is lost, and every failure is one line with a documented exit code (README, "Guarantees").
+wrote is lost, and every failure is one line with a documented exit code (docs/guarantees.md).
 One test (or more) per failure class; each failed on the code before the fix. Real PTB (tiny word
 model) unless a synthetic corpus says enough. Part 2 (training, devices, disk, Ctrl-C):
 tests/test_faults_runtime.py."""

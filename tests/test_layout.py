@@ -1,4 +1,4 @@
-"""The package layout: dependencies between lm's subpackages point one way (README, "Layout")."""
+"""The package layout: dependencies between lm's subpackages point one way (docs/layout.md)."""
 
 from __future__ import annotations
 

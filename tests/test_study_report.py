@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 
@@ -91,3 +92,20 @@ def test_report_refuses_an_unfinished_study(tmp_path, capsys):
     assert code == 2 and "finish the study" in capsys.readouterr().err
     assert not (tmp_path / "r.md").exists()
     assert run_cli(report_main, ["--study-dir", str(tmp_path / "none")]) == 2
+
+
+def test_report_includes_the_notes_page_below_its_marker_only(tmp_path):
+    """docs/study/notes.md is a page of its own (title, introduction); results.md takes the part after
+    its marker, and the generated page carries no timestamp."""
+    _study(tmp_path / "study", "char", {"unregularized": [1.60, 1.61, 1.62], "gauss": [1.50, 1.51, 1.49]})
+    out = tmp_path / "results.md"
+    notes = tmp_path / "notes.md"
+    notes.write_text("# Reading the study\n\nIntroduction of the page.\n\n<!-- results.md includes this file from "
+                     "the next line on (x) -->\n**Cost.** Hand-written remark.\n")
+    assert report_main(["--study-dir", str(tmp_path / "study"), "--out", str(out), "--notes", str(notes)]) == 0
+    page = out.read_text()
+    assert "## Reading the results\n\n**Cost.** Hand-written remark." in page
+    assert "Introduction of the page." not in page and "# Reading the study" not in page
+    assert " UTC" not in page
+    real = Path(__file__).resolve().parent.parent / "docs" / "study" / "notes.md"
+    assert "<!-- results.md includes this file from the next line on" in real.read_text()

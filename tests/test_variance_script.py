@@ -168,7 +168,7 @@ def test_bad_arguments_are_user_errors(variance):
 
 def test_default_output_goes_to_runs_not_docs(variance, tmp_path, monkeypatch):
     """Without --out/--plot/--json everything lands in runs/variance; the tracked docs/ figure is untouched."""
-    docs_png = ROOT / "docs" / "variance.png"
+    docs_png = ROOT / "docs" / "measurements" / "variance" / "variance.png"
     before = docs_png.stat().st_mtime_ns if docs_png.exists() else None
     monkeypatch.chdir(tmp_path)
     threads = torch.get_num_threads()

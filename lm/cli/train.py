@@ -87,7 +87,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             raise UserError(f"{run_dir}/last.pt holds no valid config: it was not written by this run's "
                             "train.py; put back the run's own last.pt") from None
         check_resume(base, ck_config, cfg, run_dir)
-    with session(cfg.train.device) as dist:  # a torchrun rank joins its process group (docs/workflow.md)
+    with session(cfg.train.device) as dist:  # a torchrun rank joins its process group (docs/distributed.md)
         # data, sizes, memory, the model and (on resume) last.pt: all before the run directory changes
         trainer = Trainer(cfg, run_dir, resume=args.resume, dist=dist)
         lock = RunLock(run_dir)

@@ -39,7 +39,7 @@ class DataConfig:
     ptb_dir: Optional[str] = _f(None, "PTB directory, used when data/ptb holds no prepared copy "
                                 "(default: $PTB_DIR; neither: download)")
     train_tokens: Optional[int] = _f(None, "use only the first N training tokens (reduced-data studies); null = all")
-    # Your own corpus (lm/data/custom.py); all null = PTB. See docs/workflow.md.
+    # Your own corpus (lm/data/custom.py; docs/data.md); all null = PTB.
     path: Optional[str] = _f(None, "your own UTF-8 corpus instead of PTB: a directory with train.txt, valid.txt, "
                              "test.txt, or one text file cut by data.split_fractions; null = PTB")
     tokenizer: Optional[str] = _f(None, "tokenization of data.path: 'char', 'word' or 'sentencepiece' "
@@ -186,7 +186,7 @@ class TrainConfig:
     tensorboard: bool = _f(False, "also log each validation to TensorBoard in <run dir>/tensorboard "
                            "(needs pip install -e .[tensorboard])")
     precision: str = _f("fp32", "'fp32', 'bf16' or 'fp16' (autocast; fp16 with loss scaling); parameters, "
-                        "optimizer state, the LSTM state and the loss stay float32 (README, Precision)")
+                        "optimizer state, the LSTM state and the loss stay float32 (docs/hardware.md)")
     tf32: bool = _f(False, "allow TF32 for float32 matmuls and cuDNN on GPUs (off: IEEE float32 everywhere)")
 
     def __post_init__(self) -> None:

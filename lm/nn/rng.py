@@ -1,6 +1,6 @@
 """Random streams of the training noise: keyed generators for the draws shared by the batch.
 
-Two kinds of noise, two kinds of stream (docs/workflow.md, "Multi-GPU and multi-node"):
+Two kinds of noise, two kinds of stream (docs/distributed.md):
 
 * **shared by the batch**: the weight perturbation ``ΔŴ`` of ``gauss``, ``weight_drop`` and the
   base perturbation of the flipout variants (paper Sec. 2.1), and embedding dropout's rows.

@@ -1,7 +1,7 @@
 """What overrides do on ``--resume``, checked against last.pt before anything is written.
 
 A resumed run continues from ``last.pt`` with its saved ``config.yaml`` as the base config.
-Keys fall in three groups (README, "Guarantees"):
+Keys fall in three groups (docs/training.md, "Changing settings on resume"):
 
 * fixed by the run (:data:`FIXED_SECTIONS`, :data:`FIXED_KEYS`): the data (except
   ``data.ptb_dir``, where the checksummed PTB files lie), the model, the regularizer's name, the optimizer

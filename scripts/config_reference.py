@@ -1,0 +1,17 @@
+#!/usr/bin/env python
+"""Print the configuration reference (docs/configuration.md) from the config schema.
+
+    python scripts/config_reference.py > docs/configuration.md
+
+The logic is in lm/config/reference.py; tests/test_config_reference.py checks the committed page.
+"""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere: import this checkout's lm
+
+from lm.config.reference import render  # noqa: E402
+
+if __name__ == "__main__":
+    sys.stdout.write(render())
