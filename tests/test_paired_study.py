@@ -4,12 +4,14 @@ results page, and its sizes against scripts/study.sh."""
 from __future__ import annotations
 
 import json
+import math
 import re
 import shlex
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from lm.analysis.paired_report import BEGIN, END, PAIRS, SIZES, COMMON, carry, extract, render, splice
@@ -104,3 +106,44 @@ def test_script_help_runs():
     r = subprocess.run(["bash", str(ROOT / "scripts" / "paired_study.sh"), "--help"], capture_output=True, text=True,
                        env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}, timeout=120)
     assert r.returncode == 0 and "--budget-min" in r.stdout
+
+
+def test_run_pairs_alternates_arms_in_chunks_of_jobs(tmp_path):
+    calls = []
+    code = paired_study.run_pairs(PAIRS["word"], tmp_path, [1, 2, 3], 2, None, lambda argv: calls.append(argv) or 0)
+    assert code == 0
+    got = [(a[a.index("--config") + 1], a[a.index("--seeds") + 1: a.index("--parallel")], a[a.index("--parallel") + 1])
+           for a in calls]
+    assert got == [("word_wd_flipout.yaml", ["1", "2"], "2"), ("word_weight_drop.yaml", ["1", "2"], "2"),
+                   ("word_wd_flipout.yaml", ["3"], "1"), ("word_weight_drop.yaml", ["3"], "1")]
+    assert all(a[a.index("--run-dir") + 1] == str(tmp_path / "word" / a[1][5:-5]) for a in calls)
+    interrupted = paired_study.run_pairs(PAIRS["word"], tmp_path, [1, 2, 3], 2, None, lambda argv: 130)
+    assert interrupted == 130  # stops at the first interrupted sweep
+
+
+def _fake_run(study: Path, arm: str, seed: int, ppl: float, wall: float) -> None:
+    d = study / "word" / arm / f"seed{seed}"
+    d.mkdir(parents=True)
+    (d / "results.json").write_text(json.dumps({"test": {"ppl": ppl}, "wall_s": wall}))
+
+
+def test_plan_arithmetic_and_report_from_known_runs(tmp_path):
+    """Four pilot pairs with log-ratios of SD 0.05 around -0.02; runs of 300 s and 240 s, two at a time:
+    4.5 machine-minutes per pair, so 60 minutes allow 4 + floor((60 - 18) / 4.5) = 13 pairs."""
+    from lm.analysis.paired import pairs_for_power
+
+    study = tmp_path / "study"
+    logs = [-0.02 + 0.05 * z for z in (-1.2, 0.9, -0.1, 0.4)]
+    for seed, r in enumerate(logs, 1):
+        _fake_run(study, "wd_flipout", seed, 400 * math.exp(r), 300.0)
+        _fake_run(study, "weight_drop", seed, 400.0, 240.0)
+    args = paired_study.build_parser().parse_args(["--pilot", "4", "--budget-min", "60", "--jobs", "2"])
+    plan = paired_study.make_plan(PAIRS["word"], study, args)
+    sd = float(np.std(logs, ddof=1))
+    assert plan["pilot"] == 4 and plan["pilot_sd"] == pytest.approx(sd)
+    assert plan["pair_min"] == pytest.approx(4.5) and plan["affordable"] == 13
+    assert plan["needed"] == pairs_for_power(math.log(73.20 / 75.71), sd) > 13 and plan["target"] == 13
+    out = tmp_path / "results.md"
+    assert paired_study.write_section(study, out, tiny=False).startswith("WD+Flipout against WD (word level), 4 paired")
+    section = extract(out.read_text())
+    assert "Size: the study's" in section and "4 paired seeds" in section and "Not run yet" in section  # char pair
