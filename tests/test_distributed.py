@@ -84,7 +84,7 @@ def _draws(trainer) -> dict:
     with torch.no_grad():
         for p in layer.parameters():
             p.fill_(0.5)
-    with shared_noise(trainer.cfg.train.seed, 1000):
+    with shared_noise(trainer.cfg.train.seed, 1000, trainer.dist.rank):
         plan = reg.layer_noise(layer, 3, 5)
         dropped = reg.drop_input(torch.ones(5, 3, 8))
     return {"delta": plan.flip_hh.delta.detach(), "sign_in": plan.flip_hh.sign_in,

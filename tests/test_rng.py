@@ -1,5 +1,5 @@
-"""Keyed streams (lm.nn.rng): shared draws depend on (seed, step, layer) only; per-example draws on the
-process's own stream; variable BPTT lengths on (seed, epoch)."""
+"""Keyed streams (lm.nn.rng): shared draws depend on (seed, step, layer) only; flipout signs on (seed, rank,
+step, layer); other per-example draws on the process's own stream; variable BPTT lengths on (seed, epoch)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from lm.nn import fastrand
 
 from lm.config import RegularizerConfig
 from lm.nn.lstm import LSTMLayer
-from lm.nn.rng import shared_generator, shared_noise
+from lm.nn.rng import shared_generator, shared_noise, sign_generator
 from lm.regularizers import build_regularizer
 from lm.train.distributed import Single
 from lm.train.streams import epoch_lengths, windows_of
@@ -27,16 +27,21 @@ def test_shared_draws_depend_on_seed_step_and_layer_only():
     reg = build_regularizer(RegularizerConfig(name="gauss_flipout", sigma=1.0, perturb_ih=True)).train()
     layer = _layer()
 
-    def draw(seed, step, stream_seed):
+    def draw(seed, step, stream_seed, rank=0):
         torch.manual_seed(stream_seed)  # the process's own stream: must not matter for ΔŴ
-        with shared_noise(seed, step):
+        with shared_noise(seed, step, rank):
             plan = reg.layer_noise(layer, 3, 4)
         return plan.flip_hh, plan.flip_ih
 
     hh, ih = draw(1, 7, stream_seed=0)
     hh2, ih2 = draw(1, 7, stream_seed=123)
     assert torch.equal(hh.delta, hh2.delta) and torch.equal(ih.delta, ih2.delta)
-    assert not torch.equal(hh.sign_in, hh2.sign_in)  # per-example signs follow the process's stream
+    # flipout signs: keyed on (seed, rank, step, layer), not on the process's stream either
+    assert torch.equal(hh.sign_in, hh2.sign_in) and torch.equal(ih.sign_out, ih2.sign_out)
+    other_rank = draw(1, 7, stream_seed=0, rank=1)[0]
+    assert torch.equal(other_rank.delta, hh.delta) and not torch.equal(other_rank.sign_in, hh.sign_in)
+    assert not torch.equal(hh.sign_in, ih.sign_in[:, :5])  # W_hh and W_ih: sign draws j = 0 and 1 differ
+    assert not torch.equal(hh.sign_in, draw(1, 8, 0)[0].sign_in)  # another step
     assert not torch.equal(hh.delta, ih.delta[:, :5])  # W_hh and W_ih: draws k = 0 and 1 differ
     assert not torch.equal(hh.delta, draw(1, 8, 0)[0].delta)  # another step
     assert not torch.equal(hh.delta, draw(2, 7, 0)[0].delta)  # another seed
@@ -70,8 +75,23 @@ def test_embedding_dropout_is_a_shared_draw():
     assert not torch.equal(*outside)  # outside a context: the default stream, a new mask per call
 
 
+def test_flipout_signs_leave_the_default_stream_alone():
+    """Inside the context the signs come from their own keyed stream: a flipout regularizer consumes
+    the process's stream exactly as its shared counterpart does (the paired design)."""
+    layer = _layer()
+    states = []
+    for name in ("weight_drop", "wd_flipout"):
+        reg = build_regularizer(RegularizerConfig(name=name, weight_p=0.5, input_p=0.3)).train()
+        torch.manual_seed(3)
+        with shared_noise(1, 0):
+            reg.drop_input(torch.ones(4, 3, 6))
+            reg.layer_noise(layer, 3, 4)
+        states.append(torch.get_rng_state())
+    assert torch.equal(*states)
+
+
 def test_no_context_means_default_stream():
-    assert shared_generator("cpu") is None
+    assert shared_generator("cpu") is None and sign_generator("cpu") is None
     reg = build_regularizer(RegularizerConfig(name="gauss", sigma=1.0)).train()
     w = torch.ones(4, 3)
     torch.manual_seed(9)

@@ -4,7 +4,8 @@ Reads ``<study dir>/{char,word}/<regularizer>/seed<S>`` (seed sweeps written by 
 --seeds``) through :mod:`lm.eval.compare`, sets the paper's Table 2 / Table 3 figures beside the
 study's, and tests each of the paper's findings on the seeds with Welch's t-test
 (:mod:`lm.analysis.stats`). Everything on the page is computed from the run directories, so rerunning the
-study regenerates it; hand-written remarks live in ``docs/study/notes.md``, which is copied in.
+study regenerates it; hand-written remarks live in ``docs/study/notes.md``, which is copied in. The
+paired study's section (:mod:`lm.analysis.paired_report`) is carried over from the page as it is.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 
 from lm.eval.compare import aggregate, find_runs, read_run
 from lm.errors import UserError
+from lm.analysis.paired_report import carry
 from lm.analysis.stats import welch
 
 REGULARIZERS = ("unregularized", "dropout", "variational", "semeniuta", "zoneout", "weight_drop", "wd_flipout",
@@ -283,7 +285,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     notes = Path(args.notes).read_text() if Path(args.notes).is_file() else None
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render(study, levels, notes))
+    old = out.read_text() if out.is_file() else ""
+    out.write_text(carry(old, render(study, levels, notes)))  # the paired study's section is not ours to drop
     print(f"wrote {out}")
     return 0
 

@@ -1,6 +1,7 @@
-"""Random streams of the training noise: keyed generators for the draws shared by the batch.
+"""Random streams of the training noise: keyed generators for the draws shared by the batch and
+for the flipout signs.
 
-Two kinds of noise, two kinds of stream (docs/distributed.md):
+Three kinds of noise, three kinds of stream (docs/distributed.md):
 
 * **shared by the batch**: the weight perturbation ``ΔŴ`` of ``gauss``, ``weight_drop`` and the
   base perturbation of the flipout variants (paper Sec. 2.1), and embedding dropout's rows.
@@ -13,12 +14,21 @@ Two kinds of noise, two kinds of stream (docs/distributed.md):
   weight's device (a CUDA generator for CUDA weights), so the draws agree between processes on
   the same kind of device; CPU and CUDA generators give different numbers. On a CPU, float32
   draws take one number from the generator and expand it with Philox (:mod:`lm.nn.fastrand`).
-* **per example** (flipout signs, dropout, variational, zoneout and cell masks): torch's default
+* **flipout signs** (per example, the flipout regularizers' own noise): inside
+  :func:`shared_noise` the ``j``-th sign draw of a step comes from a generator keyed on
+  ``("signs", seed, rank, step, j)``: per process (the rank is in the key), with no state in a
+  checkpoint, and apart from the default stream. That is what pairs a flipout arm with its
+  shared counterpart (``wd_flipout`` with ``weight_drop``, ``gauss_flipout`` with ``gauss``) by
+  seed: the signs are the only draws one arm makes and the other does not, and here they shift
+  no other stream, so the initial weights, the batches, the embedding masks and every dropout
+  mask of a seed are the same in both arms (tests/test_paired_streams.py, docs/results.md
+  "Paired study").
+* **other per-example noise** (dropout, variational, zoneout and cell masks): torch's default
   generator of the device, which every process seeds for itself (lm.train.distributed).
 
 Outside :func:`shared_noise` (evaluation, the gradient-variance analysis, tests that call a
-regularizer directly) :func:`shared_generator` returns None, and shared draws come from the
-default stream, as every draw did before keyed streams existed.
+regularizer directly) :func:`shared_generator` and :func:`sign_generator` return None, and those
+draws come from the default stream, as every draw did before keyed streams existed.
 """
 
 from __future__ import annotations
@@ -48,18 +58,22 @@ def keyed_generator(*parts: object, device: torch.device | str = "cpu") -> torch
 class _Step:
     seed: int
     step: int
+    rank: int = 0
     draws: int = 0  # shared draws made so far in this step: the key k of the next one
+    signs: int = 0  # sign draws made so far in this step: the key j of the next one
 
 
 _current: _Step | None = None
-_generators: dict[str, torch.Generator] = {}  # one reusable generator per device (reseeded per draw)
+_generators: dict[tuple[str, str], torch.Generator] = {}  # one reusable generator per (stream, device)
 
 
 @contextlib.contextmanager
-def shared_noise(seed: int, step: int) -> Iterator[None]:
-    """Key the shared draws made inside on ``(seed, step, k)``, ``k`` counting the draws from 0."""
+def shared_noise(seed: int, step: int, rank: int = 0) -> Iterator[None]:
+    """Key the shared draws made inside on ``(seed, step, k)`` and the flipout sign draws on
+    ``(seed, rank, step, j)``, ``k`` and ``j`` counting each kind of draw from 0. ``rank``: this
+    process's rank in a data-parallel run (0 in one process)."""
     global _current
-    outer, _current = _current, _Step(seed, step)
+    outer, _current = _current, _Step(seed, step, rank)
     try:
         yield
     finally:
@@ -73,13 +87,30 @@ def shared_generator(device: torch.device | str) -> torch.Generator | None:
         return None
     k = _current.draws
     _current.draws += 1
+    return _reseeded("shared", device, ("shared", _current.seed, _current.step, k))
+
+
+def sign_generator(device: torch.device | str) -> torch.Generator | None:
+    """The generator for the next flipout sign draw (both sign vectors of one weight, ``S`` then
+    ``R``) on ``device``, or None (the default stream) outside :func:`shared_noise`. The next call
+    reseeds it."""
+    if _current is None:
+        return None
+    j = _current.signs
+    _current.signs += 1
+    return _reseeded("signs", device, ("signs", _current.seed, _current.rank, _current.step, j))
+
+
+def _reseeded(stream: str, device: torch.device | str, key: tuple) -> torch.Generator:
+    """The reusable generator of ``stream`` on ``device`` (one per stream, so that a draw of one
+    stream cannot reseed another's mid-draw), seeded with :func:`key_seed` of ``key``."""
     device = torch.device(device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    g = _generators.get(str(device))
+    g = _generators.get((stream, str(device)))
     if g is None:
-        g = _generators[str(device)] = torch.Generator(device=device)
-    return g.manual_seed(key_seed("shared", _current.seed, _current.step, k))
+        g = _generators[(stream, str(device))] = torch.Generator(device=device)
+    return g.manual_seed(key_seed(*key))
 
 
 def rand_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

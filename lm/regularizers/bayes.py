@@ -44,7 +44,7 @@ from lm.config import RegularizerConfig
 from lm.nn.flipout import Flip
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
-from lm.nn.rng import randn_like, shared_generator
+from lm.nn.rng import randn_like, shared_generator, sign_generator
 from lm.regularizers.base import Regularizer
 
 
@@ -104,7 +104,8 @@ class BayesByBackprop(Regularizer):
         delta = F.softplus(rho) * self.draw_eps(rho)  # ΔŴ = σ ∘ ε: gradients reach ρ through σ
         if not self.flipout:
             return mu + delta, None
-        return mu, Flip.sample(delta, batch)  # signs per example, held over the window
+        # signs per example, held over the window, from the keyed sign stream
+        return mu, Flip.sample(delta, batch, generator=sign_generator(mu.device))
 
     def layer_noise(self, layer: LSTMLayer, batch: int, steps: int) -> RecurrentNoise:
         noise = super().layer_noise(layer, batch, steps)

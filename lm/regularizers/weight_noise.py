@@ -16,7 +16,11 @@ Granularity: ``ΔŴ`` once per window; flipout signs ``r_n`` ``(B, 4H)`` and ``s
 per example per window (as edward2's LSTMCellFlipout), or every step with ``resample_per_step``.
 ``ΔŴ`` is a shared draw: in training it comes from the generator keyed on (seed, step, layer) of
 :mod:`lm.nn.rng`, so every process of a data-parallel run uses the same one; the flipout signs
-are per example and come from each process's own stream.
+are per example and come from the sign stream keyed on (seed, rank, step, layer), apart from the
+default stream, so a flipout arm and its shared counterpart draw every other mask alike for a seed.
+The pairs also draw the same ``ΔŴ`` for a seed, step and layer (``wd_flipout`` and ``weight_drop``
+at p = 0.5 map one uniform draw to the same ±W; ``gauss_flipout`` and ``gauss`` share ``ε``): the
+arms of a paired comparison differ only in the signs.
 Shared perturbations run on the fused LSTM kernel; flipout needs the explicit loop.
 No KL term: the perturbation is used as pure regularizing noise.
 """
@@ -33,7 +37,7 @@ from lm.nn.flipout import Flip
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
 from lm.nn.fastrand import two_valued
-from lm.nn.rng import randn_like, shared_generator
+from lm.nn.rng import randn_like, shared_generator, sign_generator
 from lm.regularizers.base import Regularizer
 
 
@@ -52,7 +56,8 @@ class WeightNoise(Regularizer):
             return weight, None
         if not self.flipout:
             return weight + delta, None
-        return weight, Flip.sample(delta, batch, steps if self.cfg.resample_per_step else None)
+        return weight, Flip.sample(delta, batch, steps if self.cfg.resample_per_step else None,
+                                   sign_generator(weight.device))
 
     def shares_noise_across_batch(self) -> bool:
         """The shared perturbations (weight_drop, gauss) draw one ``ΔŴ`` for the whole batch.
@@ -107,8 +112,9 @@ class WDFlipout(WeightDrop):
     def base_perturbation(self, weight: torch.Tensor) -> torch.Tensor | None:
         if self.cfg.weight_p == 0:
             return None
-        # W ∘ (2M - 1) with M ~ Bernoulli(0.5): entries ±W, independent and symmetric about zero.
-        return weight * two_valued(weight.shape, weight, 0.5, 1.0, -1.0, shared_generator(weight.device))
+        # W ∘ (2M - 1) with M ~ Bernoulli(0.5): entries ±W, independent and symmetric about zero. M
+        # keeps where weight_drop keeps (u >= 0.5), so one uniform draw gives both the same ΔŴ.
+        return weight * two_valued(weight.shape, weight, 0.5, -1.0, 1.0, shared_generator(weight.device))
 
 
 class Gauss(WeightNoise):

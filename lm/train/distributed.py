@@ -10,7 +10,8 @@ as the identity; :class:`DDPContext` (``WORLD_SIZE > 1``) implements them with `
   from generators keyed on ``(seed, step, layer)`` (:mod:`lm.nn.rng`): the same in every rank and
   in one process. Variable BPTT lengths come from a generator keyed on ``(seed, epoch)``. So a
   run whose only noise is shared equals the single-process run up to float summation order;
-* noise per example (flipout signs, dropout, variational, zoneout and cell masks) comes from
+* flipout signs come from generators keyed on ``(seed, rank, step, layer)`` (:mod:`lm.nn.rng`);
+* other noise per example (dropout, variational, zoneout and cell masks) comes from
   each rank's default stream: rank 0 keeps the seed's stream, rank ``r > 0`` reseeds from
   ``(seed, r, step)`` after building the model; ``last.pt`` holds every rank's stream, so a
   resume on the same number of processes continues each exactly;

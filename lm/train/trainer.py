@@ -181,7 +181,8 @@ class Trainer:
     def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
         self.opt.set_step_lr(x.size(0))
         self.model.train()
-        with shared_noise(self.cfg.train.seed, self.step), self.precision.autocast():  # keyed shared noise; bf16/fp16 matmuls
+        # keyed shared noise and flipout signs (lm.nn.rng); bf16/fp16 matmuls
+        with shared_noise(self.cfg.train.seed, self.step, self.dist.rank), self.precision.autocast():
             if self.act_reg.active:
                 logits, state, (raw, dropped) = self.net(x, self.state, return_outputs=True)
             else:
