@@ -37,9 +37,8 @@ import os
 import platform
 import statistics
 import sys
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NamedTuple, Sequence
 
 import torch
 from torch import nn
@@ -60,8 +59,7 @@ WHAT = {  # name: (perturbs, per, resampled)
 }
 
 
-@dataclass(frozen=True)
-class Size:
+class Size(NamedTuple):
     inputs: int
     hidden: int
     batch: int
@@ -155,7 +153,7 @@ def measure(size: Size, names: Sequence[str], rounds: int, warmup: int, log: Cal
     records = []
     for name, b in built.items():
         perturbs, per, resampled = WHAT[name]
-        rec = {"name": name, "perturbs": perturbs, "per": per, "resampled": resampled, "size": vars(size),
+        rec = {"name": name, "perturbs": perturbs, "per": per, "resampled": resampled, "size": size._asdict(),
                "threads": torch.get_num_threads(), "rounds": rounds, "loadavg": load, "machine": machine()}
         if isinstance(b, str):
             records.append({**rec, "skipped": b})
