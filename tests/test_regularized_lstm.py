@@ -3,6 +3,8 @@ nn.LSTM for every regularizer's deterministic form, per-example vs shared noise 
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from torch import nn
@@ -172,6 +174,9 @@ def test_weights_stay_linked_after_moves_and_assign():
     fresh = nn.LSTM(5, H).double()
     layer.load_state_dict(fresh.state_dict(), assign=True)  # new Parameter objects: the layers follow
     torch.testing.assert_close(layer(x)[0], fresh(x)[0])
+    twin = copy.deepcopy(layer)
+    assert twin.layers[0].rnn.weight_hh_l0 is twin.weight_hh_l0 is not layer.weight_hh_l0
+    torch.testing.assert_close(twin(x)[0], fresh(x)[0])
     with pytest.raises(UserError, match="plain tensor"):
         torch.func.functional_call(layer, {"weight_hh_l0": torch.zeros(4 * H, H, dtype=torch.float64)}, (x,))
 

@@ -2,8 +2,8 @@
 (``csrc/``, built by ``cext.py``) and torch step, flipout, the noise draws, the drop-in
 ``RegularizedLSTM`` (the stack of layers with its regularizer) and the LM built on it.
 
-May import only the top-level modules, except ``regularized.py`` and ``model.py`` (the top of this
-package), which build their regularizer from ``lm.regularizers``; regularizers use the layer and noise
+May import only the top-level modules, except ``regularizer_args.py``, ``regularized.py`` and ``model.py``
+(the top of this package), which build their regularizer from ``lm.regularizers``; regularizers use the layer and noise
 plan below them. Never training, evaluation or data code.
 
 ``lm.nn.RegularizedLSTM`` and ``lm.nn.convert`` are loaded on first use: importing them here eagerly
