@@ -66,7 +66,7 @@ class Size(NamedTuple):
     steps: int
 
 
-SIZES = {"char": Size(50, 1000, 32, 100), "tiny": Size(5, 8, 3, 4)}
+SIZES = {"char": Size(50, 1000, 32, 100), "small": Size(50, 256, 32, 35), "tiny": Size(5, 8, 3, 4)}
 
 
 def _ours(name: str, size: Size) -> tuple[nn.Module, Callable]:
