@@ -183,7 +183,8 @@ class RegularizedLSTM(nn.Module):
         (between layers: the regularizer's ``drop_between`` and ``dropout``; no input/output dropout).
         ``regularizer``: the one attached to :attr:`layers` by an enclosing model (default: this module's)."""
         self._link()
-        reg, dirs = regularizer or self._own_regularizer(), 2 if self.bidirectional else 1
+        reg = regularizer if regularizer is not None else self._own_regularizer()
+        dirs = 2 if self.bidirectional else 1
         steps, batch = x.shape[:2]
         new: list[State] = []
         for k in range(self.num_layers):
