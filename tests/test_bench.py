@@ -339,3 +339,21 @@ def test_c_step_bench_runs(tmp_path, capsys):
     assert all(r["forward_ms"] > 0 and r["backward_ms"] > 0 for r in records)
     assert "| char | fp32 | flipout |" in capsys.readouterr().out
     assert lstm_fused.products is real and lstm_fused.POOL.bytes() == 0
+
+
+def test_peers_tiny(tmp_path, capsys):
+    """bench/peers.py on a tiny size: a record per layer, what each computes, the peers that are not
+    installed reported as skipped (CI installs neither)."""
+    peers = _load("peers")
+    out = tmp_path / "p.json"
+    assert peers.main(["--tiny", "--threads", "1", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["name"] for r in records] == list(peers.WHAT)
+    for r in records:
+        assert r["per"] and r["resampled"] and r["machine"]
+        if "skipped" not in r:
+            assert r["train_tokens_per_s"] > 0 and r["speed_vs_nn_lstm"] > 0
+    assert all("skipped" not in r for r in records if r["name"].startswith(("ours_", "nn_")))
+    table = capsys.readouterr().out
+    assert "| ours_wd_flipout |" in table and "| bayesian_torch |" in table
+    assert peers.main(["--tiny", "--only", "nope"]) == 2

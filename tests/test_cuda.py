@@ -4,7 +4,8 @@
   every regularizer's layer in bf16 against float32 (tolerance: tests/test_precision.py);
 * no host synchronisation inside the recurrence (``torch.cuda.set_sync_debug_mode("error")``);
 * two training steps of each paper config on the GPU, in fp32 and bf16;
-* a checkpoint written on the GPU loads and evaluates on a CPU.
+* a checkpoint written on the GPU loads and evaluates on a CPU;
+* ``lm.nn.RegularizedLSTM`` moved to the GPU equals ``nn.LSTM`` in eval and trains.
 """
 
 from __future__ import annotations
@@ -121,3 +122,26 @@ def test_checkpoint_saved_on_gpu_loads_on_cpu(ptb_dir, tmp_path, capsys):
     out = json.loads(capsys.readouterr().out)
     assert out["precision"]["device"] == "cpu"
     assert abs(out["bpc"] - results["valid"]["bpc"]) < 0.05  # bf16 on GPU vs fp32 on CPU, same weights
+
+
+@pytest.mark.parametrize("name", ["none", "weight_drop", "wd_flipout", "bbb_flipout", "variational"])
+def test_regularized_lstm_moves_to_cuda(name):
+    """lm.nn.RegularizedLSTM after .cuda(): its layers still use the moved parameters (cuDNN-flattened),
+    eval equals nn.LSTM on the GPU (TF32 off), and a training step gives every parameter a gradient."""
+    from torch import nn
+
+    from lm.nn import RegularizedLSTM
+
+    set_tf32(False)
+    torch.manual_seed(0)
+    ref = nn.LSTM(5, 16, num_layers=2, batch_first=True).cuda()
+    layer = RegularizedLSTM(5, 16, num_layers=2, batch_first=True, regularizer=name)
+    layer.load_state_dict(ref.state_dict())
+    layer.cuda()
+    assert layer.layers[1].rnn.weight_hh_l0 is layer.weight_hh_l1 and layer.weight_hh_l1.is_cuda
+    x = torch.randn(3, 7, 5, device="cuda")
+    with torch.no_grad():
+        torch.testing.assert_close(layer.eval()(x)[0], ref.eval()(x)[0], rtol=0, atol=1e-5)
+    out, _ = layer.train()(x)
+    out.square().mean().backward()
+    assert all(p.grad is not None and p.grad.is_cuda for p in layer.parameters())

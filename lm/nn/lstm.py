@@ -93,13 +93,14 @@ class LSTMLayer(nn.Module):
     Args:
         input_size: features of ``x_t``.
         hidden_size: ``H``.
+        bias: with ``b_ih``, ``b_hh`` (as ``nn.LSTM``'s ``bias``).
     """
 
-    def __init__(self, input_size: int, hidden_size: int) -> None:
+    def __init__(self, input_size: int, hidden_size: int, bias: bool = True) -> None:
         super().__init__()
         self.input_size = input_size
         self.hidden_size = hidden_size
-        self.rnn = nn.LSTM(input_size, hidden_size, num_layers=1)
+        self.rnn = nn.LSTM(input_size, hidden_size, num_layers=1, bias=bias)
 
     @property
     def weight_ih(self) -> torch.Tensor:
@@ -131,7 +132,7 @@ class LSTMLayer(nn.Module):
         return out, (h.squeeze(0).to(state[0].dtype), c.squeeze(0).to(state[1].dtype))
 
     def _loop(self, x: torch.Tensor, state: State, noise: RecurrentNoise) -> tuple[torch.Tensor, State]:
-        bias = self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0
+        bias = self.rnn.bias_ih_l0 + self.rnn.bias_hh_l0 if self.rnn.bias else None
         if noise.flip_ih is None and WINDOW_PROJECTS:  # the window kernel projects the window's input itself
             draws = draw_window(noise, state[0], x.size(0))
             return lstm_window(x, state, noise.weight_hh, draws, weight_ih=noise.weight_ih, bias=bias)

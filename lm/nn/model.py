@@ -22,6 +22,7 @@ from lm.config import ModelConfig, RegularizerConfig
 from lm.errors import UserError
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import State
+from lm.nn.regularized import RegularizedLSTM
 from lm.regularizers import Regularizer, build_regularizer
 
 
@@ -42,17 +43,25 @@ class LanguageModel(nn.Module):
         in_size = vocab_size if self.onehot else cfg.emb_size
         self.encoder = None if self.onehot else nn.Embedding(vocab_size, cfg.emb_size)
         sizes = cfg.layer_sizes  # tied: the last layer has emb_size units (AWD-LSTM)
-        self.layers = nn.ModuleList(LSTMLayer(n_in, n) for n_in, n in zip([in_size, *sizes[:-1]], sizes))
+        reg = regularizer if isinstance(regularizer, Regularizer) else build_regularizer(regularizer)
+        if self.onehot and reg.cfg.embed_p > 0:
+            raise UserError("config key regularizer.embed_p needs model.input=embedding (one-hot input has no "
+                            "embedding matrix): set it to 0")
+        # the stack; the model's regularizer drives it (and the embedding, input and output dropout)
+        self.lstm = RegularizedLSTM(in_size, sizes[-1], len(sizes), regularizer=None, layer_sizes=sizes)
         self.decoder = nn.Linear(sizes[-1], vocab_size)
         if cfg.tie_weights:
             assert self.encoder is not None
             self.decoder.weight = self.encoder.weight
-        self.regularizer = regularizer if isinstance(regularizer, Regularizer) else build_regularizer(regularizer)
-        if self.onehot and self.regularizer.cfg.embed_p > 0:
-            raise UserError("config key regularizer.embed_p needs model.input=embedding (one-hot input has no "
-                            "embedding matrix): set it to 0")
+        self.regularizer = reg  # registered last: its parameters follow the decoder's (optimizer state order)
         self.regularizer.attach(self.layers)  # e.g. bbb's posterior scales, one per perturbed weight
+        self.register_load_state_dict_pre_hook(_rename_stack_keys)
         self.reset_parameters()
+
+    @property
+    def layers(self) -> tuple[LSTMLayer, ...]:
+        """The LSTM layers, bottom first (those of :attr:`lstm`)."""
+        return self.lstm.layers
 
     def reset_parameters(self) -> None:
         """'uniform': AWD-LSTM (embeddings/decoder U(-r, r), decoder bias 0, LSTM PyTorch's
@@ -88,22 +97,24 @@ class LanguageModel(nn.Module):
         third item ``(raw, dropped)``, the last layer's output before and after ``drop_output``,
         each ``(T, B, H_last)``."""
         reg = self.regularizer
-        steps, batch = tokens.shape
         if self.encoder is None:
             x = F.one_hot(tokens, self.vocab_size).to(self.decoder.weight.dtype)
         else:
             x = F.embedding(tokens, reg.embedding_weight(self.encoder.weight))
         x = reg.drop_input(x)
-        new_state = []
-        for i, layer in enumerate(self.layers):
-            x, s = layer(x, state[i], reg.layer_noise(layer, batch, steps))
-            new_state.append(s)
-            if i + 1 < len(self.layers):
-                x = reg.drop_between(x)
+        x, new_state = self.lstm.run(x, state, reg)
         dropped = reg.drop_output(x)
         if return_outputs:
             return self.decoder(dropped), new_state, (x, dropped)
         return self.decoder(dropped), new_state
+
+
+def _rename_stack_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """Load state dicts that name the layers' weights per layer (``layers.K.rnn.weight_ih_l0``, the
+    checkpoints of earlier versions) as :class:`RegularizedLSTM` names them (``lstm.weight_ih_lK``)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "layers.")]:
+        _, k, _, name = key[len(prefix):].split(".", 3)  # layers, K, rnn, weight_ih_l0
+        state_dict[f"{prefix}lstm.{name[:-1]}{k}"] = state_dict.pop(key)
 
 
 def detach_state(state: list[State]) -> list[State]:

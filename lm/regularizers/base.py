@@ -20,7 +20,7 @@ identity (zoneout in eval uses its expectation, by definition of the method).
 from __future__ import annotations
 
 import dataclasses
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -101,7 +101,7 @@ class Regularizer(nn.Module):
         """The plan for one layer and one window of ``steps`` x ``batch``: here, the mean weights."""
         return RecurrentNoise(layer.weight_ih, layer.weight_hh, training=self.training)
 
-    def attach(self, layers: nn.ModuleList) -> None:
+    def attach(self, layers: Sequence[LSTMLayer]) -> None:
         """Called once by the model with its LSTM layers; the base has nothing to set up."""
 
     def extra_loss(self, step: int, train_tokens: int) -> torch.Tensor | None:

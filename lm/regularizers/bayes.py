@@ -34,7 +34,7 @@ K posterior samples is the evaluation's ``--mc-samples`` (its own issue).
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from typing import ClassVar, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -77,7 +77,7 @@ class BayesByBackprop(Regularizer):
         self._kl_sum: torch.Tensor | None = None  # sum of KL/N over the steps since the last log_stats
         self._kl_steps, self._kl_weight = 0, 0.0
 
-    def attach(self, layers: nn.ModuleList) -> None:
+    def attach(self, layers: Sequence[LSTMLayer]) -> None:
         """One ``ρ`` per perturbed weight, shaped like it, all ``softplus⁻¹(init_sigma)``."""
         rho0 = inverse_softplus(self.cfg.init_sigma)
         full = lambda w: nn.Parameter(torch.full_like(w.detach(), rho0))  # noqa: E731
