@@ -25,7 +25,7 @@ What each computes (the ``perturbs``, ``per`` and ``resampled`` columns):
 The peers are optional (``pip install --no-deps bayesian-torch blitz-bayesian-pytorch``, keeping
 your torch); a missing one is reported as skipped. Usage::
 
-    python bench/peers.py --json docs/peers_cpu2.json      # docs/layer.md shows the table
+    python bench/peers.py --json docs/measurements/peers/char_cpu2.json  # docs/layer.md shows the table
     python bench/peers.py --tiny                            # seconds: a smoke test
 """
 
