@@ -170,8 +170,8 @@ def _train(tmp_path, name: str, options: dict) -> float:
     tmp_path.mkdir()
     cfg = write_tiny(tmp_path, regularizer={"name": name, **options}, model={"hidden_size": 6, "emb_size": 6},
                      data={"level": "word", "train_tokens": 400},
-                     train={"max_steps": 2, "eval_every_steps": 2, "bptt": 5, "batch_size": 3, "progress": False},
-                     eval={"batch_size": 5, "bptt": 20, "max_tokens": 100})
+                     train={"max_steps": 2, "eval_every_steps": 2, "bptt": 4, "batch_size": 3, "progress": False},
+                     eval={"batch_size": 10, "bptt": 5, "max_tokens": 50})  # the interpreter is slow: few steps
     run_dir = tmp_path / "run"
     assert train_script.main(["--config", str(cfg), "--run-dir", str(run_dir)]) == 0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
