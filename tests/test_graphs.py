@@ -113,8 +113,9 @@ def _trainer(tmp_path, name: str, graphed: bool, variable: bool = False, device:
 CASES = {  # every kind of draw: dropouts (per element and locked), embedding rows, masks, ΔŴ, signs
     "wd_flipout": {"weight_p": 0.5, "embed_p": 0.1, "input_p": 0.2, "output_p": 0.3, "resample_per_step": True},
     "zoneout": {"zoneout_c": 0.5, "zoneout_h": 0.05, "between_p": 0.1},
-    "variational": {"hidden_p": 0.25, "locked": True, "input_p": 0.2},
+    "variational": {"hidden_p": 0.25, "input_p": 0.2},  # locked (per-window) dropout masks
     "semeniuta": {"cell_p": 0.25},
+    "dropout": {"input_p": 0.2, "output_p": 0.2},  # per-element masks (not locked), nn.LSTM
     "gauss": {"sigma": 1.0},
 }
 
