@@ -16,7 +16,7 @@ SCRIPT = ROOT / "scripts" / "gpu_check.sh"
 def _run(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHON": sys.executable}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
+                          timeout=600)
 
 
 def test_dry_run_writes_everything(ptb_dir, tmp_path):
