@@ -31,8 +31,11 @@ from lm.nn import triton_kernels as K
 from lm.nn.lstm_fused import Backward
 from lm.nn.lstm_matmul import low_mm
 
-BLOCK_H = 128  # hidden units per program (a power of two: tl.arange)
-BLOCK_B = 4  # batch rows per program
+# A program owns BLOCK_B x BLOCK_H units (powers of two: tl.arange) and all four gates of each:
+# 128 units, so that the char size (B 32, H 1000) launches 256 programs and the word size 220,
+# enough to spread one step over a GPU's ~100+ SMs (a guess to be checked by scripts/gpu_check.sh)
+BLOCK_H = 64
+BLOCK_B = 2
 
 
 def blocks(batch: int, hid: int) -> tuple[int, int, tuple[int, int]]:
