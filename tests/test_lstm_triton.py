@@ -45,11 +45,17 @@ def _use_interpreter(monkeypatch):
     import triton  # noqa: F401
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.setenv(steps.ENV, "triton")
-    kernels = sys.modules.get("lm.nn.triton_kernels")
-    if kernels is not None and type(kernels.forward_step).__name__ != "InterpretedFunction":
-        pytest.skip("this process compiled the kernels for a GPU (CUDA tests ran first): run these apart")
+    _load_kernels(interpreted=True)
     from lm.nn import lstm_triton
     return lstm_triton
+
+
+def _load_kernels(interpreted: bool) -> None:
+    """Triton decides at decoration whether a kernel is interpreted: re-execute the kernels'
+    module when this process loaded them the other way (lm.nn.lstm_triton reads them through it)."""
+    kernels = sys.modules.get("lm.nn.triton_kernels")
+    if kernels is not None and (type(kernels.forward_step).__name__ == "InterpretedFunction") != interpreted:
+        importlib.reload(kernels)
 
 
 @pytest.fixture
@@ -205,9 +211,7 @@ def gpu_triton(monkeypatch):
     _need_triton()
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     monkeypatch.setenv(steps.ENV, "triton")
-    kernels = sys.modules.get("lm.nn.triton_kernels")
-    if kernels is not None and type(kernels.forward_step).__name__ == "InterpretedFunction":
-        pytest.skip("this process loaded the interpreted kernels: run the cuda tests apart (-m cuda)")
+    _load_kernels(interpreted=False)
     from lm.nn import lstm_triton
     return lstm_triton
 

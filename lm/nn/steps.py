@@ -58,12 +58,13 @@ def choose(w: torch.Tensor, low: torch.dtype | None) -> str:
     """``"c"``, ``"triton"`` or ``"torch"`` for a window with weights ``w`` and matmul dtype ``low``."""
     want = requested()
     if want == "triton" and w.dtype == torch.float32:
-        ok, why = triton_status()
-        if not ok:
-            raise UserError(f"{ENV}=triton: {why}")
+        # the device first: importing the kernels without the interpreter would compile them for a GPU
         if w.device.type != "cuda" and not interpreted():
             raise UserError(f"{ENV}=triton runs on CUDA tensors, or on a CPU only under Triton's interpreter: "
                             "set TRITON_INTERPRET=1 (slow; for tests) or unset it")
+        ok, why = triton_status()
+        if not ok:
+            raise UserError(f"{ENV}=triton: {why}")
         return "triton"
     if want == "auto" and lstm_fused.usable(w, low):
         return "c"
@@ -85,10 +86,12 @@ def describe(device: str) -> str:
     """One line for the start-up summary: which step runs a float32 window on ``device``."""
     want = requested()
     if want == "triton":
-        ok, why = triton_status()
         where = "CUDA" if device.startswith("cuda") else "CPU, Triton interpreter" if interpreted() else None
-        if not ok or where is None:
-            return f"{ENV}=triton unusable here: {why or 'a CPU without TRITON_INTERPRET=1'}"
+        if where is None:
+            return f"{ENV}=triton unusable here: a CPU without TRITON_INTERPRET=1"
+        ok, why = triton_status()
+        if not ok:
+            return f"{ENV}=triton unusable here: {why}"
         return f"the Triton step ({where}; {ENV}=triton)"
     if want == "torch":
         return f"torch ops ({ENV}=torch)"
