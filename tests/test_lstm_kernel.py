@@ -55,7 +55,8 @@ def run(fn, inputs, draws, seed=1):
     xproj, h0, c0, weight, _ = inputs
     out, (h, c) = fn(xproj, (h0, c0), weight, draws)
     gen = torch.Generator().manual_seed(seed)
-    loss = sum((t * torch.randn(t.shape, dtype=t.dtype, generator=gen)).sum() for t in (out, h, c))
+    # drawn on the CPU and moved: the same weights on every device (the CUDA tests use this too)
+    loss = sum((t * torch.randn(t.shape, dtype=t.dtype, generator=gen).to(t.device)).sum() for t in (out, h, c))
     grads = torch.autograd.grad(loss, inputs, allow_unused=True)
     grads = [torch.zeros_like(x) if g is None else g for g, x in zip(grads, inputs)]
     return [out, h, c, *grads]

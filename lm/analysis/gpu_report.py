@@ -103,6 +103,10 @@ def summary(out: Path) -> str:
         lines.append(f"{counts['passed']} passed, {counts['failures'] + counts['errors']} failed, "
                      f"{counts['skipped']} skipped (of {counts['tests']}).")
         lines += [f"- FAILED {n}" for n in counts["failed_names"]]
+    lines += ["", "## One window: cuDNN, torch step, Triton step, Triton in CUDA graphs (`bench/gpu_steps.py`)", ""]
+    steps = out / "steps.md"
+    lines.append(steps.read_text().strip() if steps.is_file() and (out / "steps.json").is_file()
+                 else "_missing: steps.md / steps.json_")
     lines += ["", "## Throughput (`bench/throughput.py`)", ""] + _throughput_section(out)
     lines += ["", "## Timed training (`char_flipout.yaml`)", ""] + _train_section(out / "train", out)
     text = "\n".join(lines) + "\n"

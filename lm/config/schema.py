@@ -188,6 +188,11 @@ class TrainConfig:
     precision: str = _f("fp32", "'fp32', 'bf16' or 'fp16' (autocast; fp16 with loss scaling); parameters, "
                         "optimizer state, the LSTM state and the loss stay float32 (docs/hardware.md)")
     tf32: bool = _f(False, "allow TF32 for float32 matmuls and cuDNN on GPUs (off: IEEE float32 everywhere)")
+    cuda_graphs: bool = _f(False, "capture each training window's forward and backward in a CUDA graph per "
+                           "window length (docs/gpu.md); eager where capture is impossible, with the reason "
+                           "in the start-up summary")
+    cuda_graph_lengths: int = _f(8, "with variable_bptt: how many of the most likely window lengths get a graph "
+                                 "(the rest run eagerly; each graph holds about one step's activations)")
 
     def __post_init__(self) -> None:
         for key in ("batch_size", "bptt", "max_epochs"):
@@ -197,6 +202,7 @@ class TrainConfig:
         _check("train.eval_every_steps", self.eval_every_steps >= 0, "a non-negative integer", self.eval_every_steps)
         _check("train.patience", self.patience >= 0, "a non-negative integer", self.patience)
         _check("train.threads", self.threads >= 0, "a non-negative integer", self.threads)
+        _check("train.cuda_graph_lengths", self.cuda_graph_lengths > 0, "a positive integer", self.cuda_graph_lengths)
         _choice("train.device", self.device, ["auto", "cpu", "cuda"])
         _choice("train.precision", self.precision, ["fp32", "bf16", "fp16"])
 

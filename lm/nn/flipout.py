@@ -18,11 +18,13 @@ import torch
 import torch.nn.functional as F
 
 from lm.nn.fastrand import two_valued
+from lm.nn.tape import drawn, like as _like
 
 
 def sample_signs(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform ±1 entries of ``shape`` with ``like``'s dtype and device."""
-    return two_valued(shape, like, 0.5, 1.0, -1.0, generator)
+    """Uniform ±1 entries of ``shape`` with ``like``'s dtype and device (through the noise tape)."""
+    meta = _like(like)
+    return drawn(lambda: two_valued(shape, meta, 0.5, 1.0, -1.0, generator), shape)
 
 
 @dataclass

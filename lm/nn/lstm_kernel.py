@@ -35,7 +35,7 @@ from __future__ import annotations
 
 import torch
 
-from lm.nn import lstm_fused, lstm_torchstep
+from lm.nn import lstm_fused, steps
 from lm.nn.flipout import Flip
 from lm.nn.lstm_matmul import low_mm
 from lm.nn.noise import State, WindowDraws
@@ -65,12 +65,12 @@ def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save
     built for flipout (None otherwise), which backward reuses instead of stacking again.
 
     Where it applies (CPU, packed matmuls), :mod:`lm.nn.lstm_fused` runs the same recurrence with
-    each step's element-wise work fused into one C call; elsewhere :mod:`lm.nn.lstm_torchstep`
-    runs it as torch ops.
+    each step's element-wise work fused into one C call; with ``FLIPOUT_LM_STEP=triton``
+    :mod:`lm.nn.lstm_triton` in one Triton kernel; elsewhere :mod:`lm.nn.lstm_torchstep` as torch
+    ops (:mod:`lm.nn.steps` chooses).
     """
-    if lstm_fused.usable(w, low):
-        return lstm_fused.window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias)
-    return lstm_torchstep.window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias)
+    run = steps.module(steps.choose(w, low)).window_forward
+    return run(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias)
 
 
 class _LSTMWindow(torch.autograd.Function):
@@ -119,22 +119,23 @@ class _LSTMWindow(torch.autograd.Function):
         if ctx.zone is not None:
             zc = zc if zc is not None else ctx.zone[0]
             zh = zh if zh is not None else ctx.zone[1]
-        fused, dg_low, signed, d_b = lstm_fused.usable(w, low), None, None, None
+        kind, dg_low, signed, d_b = steps.choose(w, low), None, None, None
+        fused = kind == "c"
         h4, hid = w.shape
         need = ctx.needs_input_grad
         # an xproj that came in `low` gets its gradient in `low`: the C step's bf16 copy of dgates
         x_low = not ctx.proj and ctx.x_dtype == low
         want_dd = delta is not None and need[6]
-        if fused:
+        if kind != "torch":
             # under bf16 the float32 gate gradients are needed only for an xproj that came in
-            # float32; the C step sums the bias gradient and signs the window's dgates for dΔŴ
+            # float32; the C (or Triton) step sums the bias gradient and signs the window's dgates for dΔŴ
             keep = low is None or not (ctx.proj or x_low)
-            got = lstm_fused.window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low,
+            got = steps.module(kind).window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low,
                                              fresh_low=x_low, keep=keep, signed=want_dd,
                                              bias=ctx.proj and need[2])
             dh, dc, dg_low, signed, d_b = got
         else:
-            dh, dc = lstm_torchstep.window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked,
+            dh, dc = steps.module(kind).window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, stacked,
                                                     low)
         # the fused step hands the gate gradients back in bf16 too (dg_low), so no cast here
         d_gates = (fac if dg_low is None else dg_low).view(-1, h4)
@@ -213,7 +214,7 @@ def _run(xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bo
     pooled and handed back once the forward has read it: neither backward nor the caller needs it."""
     if w_ih is None:
         return _window_forward(xin, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save), None, None
-    fused = lstm_fused.usable(w, low)
+    fused = steps.choose(w, low) == "c"
     xproj, xl, wl = lstm_fused.project(xin, w_ih, low, pooled=fused)
     out = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias=b)
     if fused:

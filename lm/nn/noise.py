@@ -14,6 +14,7 @@ import torch
 
 from lm.nn.fastrand import two_valued
 from lm.nn.flipout import Flip
+from lm.nn.tape import drawn, like as _like
 
 State = tuple[torch.Tensor, torch.Tensor]
 Zone = torch.Tensor | float | None  # zoneout: (T, B, H) keep-old masks, a probability (eval), or off
@@ -75,7 +76,8 @@ def _step_masks(p: float, like: torch.Tensor, steps: int, scale: bool) -> torch.
     if p == 0:
         return None
     # u < 1-p is Bernoulli(1-p); on a CPU drawn by Philox, 8x faster than torch.rand (lm.nn.fastrand)
-    return two_valued((steps, *like.shape), like, 1 - p, 1 / (1 - p) if scale else 1.0, 0.0)
+    shape, meta = (steps, *like.shape), _like(like)
+    return drawn(lambda: two_valued(shape, meta, 1 - p, 1 / (1 - p) if scale else 1.0, 0.0), shape)
 
 
 def draw_window(noise: RecurrentNoise, like: torch.Tensor, steps: int) -> WindowDraws:

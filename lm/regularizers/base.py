@@ -31,6 +31,7 @@ from lm.nn.fastrand import two_valued
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
 from lm.nn.rng import shared_generator
+from lm.nn.tape import drawn, like
 
 SHARED_OPTIONS = ("embed_p", "input_p", "between_p", "output_p", "ar", "tar")  # ar/tar: read by the trainer
 
@@ -75,17 +76,19 @@ class Regularizer(nn.Module):
         if not self.training or p == 0:
             return weight
         # one mask for the whole batch: a shared draw, the same in every process (lm.nn.rng)
-        g = shared_generator(weight.device)
-        mask = torch.empty((weight.size(0), 1), dtype=weight.dtype, device=weight.device).bernoulli_(1 - p, generator=g)
+        # (through the noise tape: a CUDA-graphed window gets it drawn outside the graph, lm.nn.tape)
+        mask = drawn(lambda: torch.empty((weight.size(0), 1), dtype=weight.dtype, device=weight.device).bernoulli_(
+            1 - p, generator=shared_generator(weight.device)), (weight.size(0), 1))
         return weight * (mask / (1 - p))
 
     def _drop(self, x: torch.Tensor, p: float) -> torch.Tensor:
         """Dropout on ``(T, B, F)``: one mask ``(1, B, F)`` per window if ``locked``, else per element."""
         if not self.training or p == 0:
             return x
+        shape, meta = x.shape, like(x)
         if not self.locked:  # F.dropout's scaled mask; on a CPU drawn by Philox (lm.nn.fastrand)
-            return x * two_valued(x.shape, x, p, 0.0, 1 / (1 - p))
-        mask = torch.empty((1, *x.shape[1:]), dtype=x.dtype, device=x.device).bernoulli_(1 - p)
+            return x * drawn(lambda: two_valued(shape, meta, p, 0.0, 1 / (1 - p)), shape)
+        mask = drawn(lambda: meta.new_empty((1, *shape[1:])).bernoulli_(1 - p), (1, *shape[1:]))
         return x * (mask / (1 - p))
 
     def drop_input(self, x: torch.Tensor) -> torch.Tensor:

@@ -45,6 +45,7 @@ from lm.nn.flipout import Flip
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
 from lm.nn.rng import randn_like, shared_generator, sign_generator
+from lm.nn.tape import drawn
 from lm.regularizers.base import Regularizer
 
 
@@ -98,7 +99,7 @@ class BayesByBackprop(Regularizer):
 
     def draw_eps(self, rho: torch.Tensor) -> torch.Tensor:
         """``ε ~ N(0, I)`` shaped like ``rho``: a draw shared by the batch, from the keyed stream."""
-        return randn_like(rho, shared_generator(rho.device))
+        return drawn(lambda: randn_like(rho, shared_generator(rho.device)), rho.shape)
 
     def _sample(self, mu: torch.Tensor, rho: torch.Tensor, batch: int) -> tuple[torch.Tensor, Flip | None]:
         delta = F.softplus(rho) * self.draw_eps(rho)  # ΔŴ = σ ∘ ε: gradients reach ρ through σ

@@ -11,6 +11,7 @@ import torch
 
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
+from lm.nn.tape import drawn
 from lm.regularizers.base import Regularizer
 
 
@@ -27,6 +28,7 @@ class Variational(Regularizer):
         p = self.cfg.hidden_p
         if self.training and p > 0:
             w = layer.weight_hh
-            keep = torch.empty((batch, layer.hidden_size), dtype=w.dtype, device=w.device).bernoulli_(1 - p)
+            shape = (batch, layer.hidden_size)
+            keep = drawn(lambda: torch.empty(shape, dtype=w.dtype, device=w.device).bernoulli_(1 - p), shape)
             noise.hidden_mask = keep / (1 - p)
         return noise

@@ -38,6 +38,7 @@ from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import RecurrentNoise
 from lm.nn.fastrand import two_valued
 from lm.nn.rng import randn_like, shared_generator, sign_generator
+from lm.nn.tape import drawn
 from lm.regularizers.base import Regularizer
 
 
@@ -89,7 +90,8 @@ class WeightDrop(WeightNoise):
         if p == 0:
             return None
         # W ∘ (M/(1-p) - 1), M ~ Bernoulli(1-p): -1 where dropped (u < p), else 1/(1-p) - 1
-        return weight * two_valued(weight.shape, weight, p, -1.0, 1 / (1 - p) - 1, shared_generator(weight.device))
+        return weight * drawn(lambda: two_valued(weight.shape, weight, p, -1.0, 1 / (1 - p) - 1,
+                                                 shared_generator(weight.device)), weight.shape)
 
 
 class WDFlipout(WeightDrop):
@@ -114,7 +116,8 @@ class WDFlipout(WeightDrop):
             return None
         # W ∘ (2M - 1) with M ~ Bernoulli(0.5): entries ±W, independent and symmetric about zero. M
         # keeps where weight_drop keeps (u >= 0.5), so one uniform draw gives both the same ΔŴ.
-        return weight * two_valued(weight.shape, weight, 0.5, -1.0, 1.0, shared_generator(weight.device))
+        return weight * drawn(lambda: two_valued(weight.shape, weight, 0.5, -1.0, 1.0, shared_generator(weight.device)),
+                              weight.shape)
 
 
 class Gauss(WeightNoise):
@@ -128,7 +131,7 @@ class Gauss(WeightNoise):
     def base_perturbation(self, weight: torch.Tensor) -> torch.Tensor | None:
         if self.cfg.sigma == 0:
             return None
-        eps = randn_like(weight, shared_generator(weight.device))
+        eps = drawn(lambda: randn_like(weight, shared_generator(weight.device)), weight.shape)
         # σ = 1 is the paper's rate: skip a pass over the (4H, H) noise that would change nothing
         return weight * (eps if self.cfg.sigma == 1 else eps.mul_(self.cfg.sigma))
 

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from lm.config import Config
 from lm.data.ptb import data_root
-from lm.nn import cext
+from lm.nn import cext, steps
 
 _REGULARIZER_KEYS = ("weight_p", "sigma", "perturb_ih", "resample_per_step", "hidden_p", "cell_p", "zoneout_c",
                      "zoneout_h", "embed_p", "input_p", "between_p", "output_p")
@@ -114,9 +114,13 @@ def model_line(params: int) -> str:
 
 def kernel_line(device: str) -> str:
     """How the window kernel's recurrence steps run: the fused C step on a CPU (built now, once,
-    or loaded from the cache; its one-time build cost is printed), else torch ops."""
+    or loaded from the cache; its one-time build cost is printed), else torch ops, or what
+    ``FLIPOUT_LM_STEP`` chose (lm.nn.steps)."""
+    chosen = steps.describe(device)
+    if chosen:
+        return f"  steps       {chosen}"
     if not device.startswith("cpu"):
-        return "  steps       torch ops (the fused C step is CPU-only)"
+        return "  steps       torch ops (the fused C step is CPU-only; FLIPOUT_LM_STEP=triton: the Triton step)"
     return f"  steps       {cext.status('lstm_step').describe()}"
 
 

@@ -1,4 +1,4 @@
-"""One guarded optimizer update: backward, the gradient norm, the non-finite checks, the step.
+"""One guarded optimizer update: the gradient norm, the non-finite checks, the step.
 
 Kept apart from the loop (lm/train/trainer.py) because it carries the policy that protects a long
 run: a step whose loss or gradient norm is not finite raises :class:`Diverged` *before* the
@@ -20,20 +20,18 @@ class Diverged(Exception):
     """The training loss or the gradient norm became NaN or infinite."""
 
 
-def guarded_update(objective: torch.Tensor, loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
+def guarded_update(loss: torch.Tensor, model: nn.Module, optimizer: torch.optim.Optimizer,
                    scaler: torch.amp.GradScaler, clip: float, mean: Callable[[float], float], step: int) -> float:
-    """Backpropagate ``objective`` and update, unless the step diverged. Returns the mean ``loss``.
+    """Update from the gradients in ``.grad`` (the caller ran backward: eagerly or in a CUDA graph,
+    lm/train/graphs.py), unless the step diverged. Returns the mean ``loss``.
 
     Args:
-        objective: what is differentiated (the data loss plus AR/TAR and KL terms).
         loss: the data loss that is reported and checked.
         scaler: fp16's gradient scaler (a pass-through when disabled).
         clip: global-norm clipping threshold (0 = off; the norm is checked either way).
         mean: averages a float over the ranks (identity in one process), so all ranks see a divergence.
         step: the number of the step, for the message.
     """
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(objective).backward()
     scaler.unscale_(optimizer)  # the true gradients for the norm and clipping (no-op unless fp16)
     params = [p for p in model.parameters() if p.grad is not None]
     if clip:  # the global norm before clipping; DDP has already averaged the gradients

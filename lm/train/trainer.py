@@ -41,6 +41,7 @@ from lm.train.activation_reg import ActivationRegularizer
 from lm.nn.precision import Precision
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
+from lm.train import graphs
 from lm.train.optim import Optimization
 from lm.train.preflight import allocation_error, check_memory, check_sizes
 from lm.train.resume import apply_overrides
@@ -92,6 +93,10 @@ class Trainer:
         say(report.kernel_line(str(self.device)))
         self.opt = Optimization(cfg, self.model)
         self.act_reg = ActivationRegularizer(cfg.regularizer.ar, cfg.regularizer.tar)  # AR/TAR (Merity 2017)
+        self.windows = graphs.for_run(cfg, self.device, self.act_reg.active, self.dist.world, self.forward_backward,
+                                      list(self.model.parameters()))
+        if cfg.train.cuda_graphs:
+            say(self.windows.describe())
         self.epoch = self.step = self.pos = self.bad_validations = 0
         self.best_val, self.best_epoch, self.best_step = math.inf, 0, 0
         self.elapsed, self.tokens_seen = 0.0, 0  # training-step seconds and tokens (for tokens/s)
@@ -178,20 +183,28 @@ class Trainer:
         self.interrupted = signum
         signal.signal(signum, signal.SIG_DFL)  # a second signal stops at once
 
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
-        self.opt.set_step_lr(x.size(0))
-        self.model.train()
-        # keyed shared noise and flipout signs (lm.nn.rng); bf16/fp16 matmuls
-        with shared_noise(self.cfg.train.seed, self.step, self.dist.rank), self.precision.autocast():
+    def forward_backward(self, x: torch.Tensor, y: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        """One window's forward, loss and backward into fresh ``.grad`` (what a CUDA graph captures)."""
+        with self.precision.autocast():  # bf16/fp16 matmuls
             if self.act_reg.active:
-                logits, state, (raw, dropped) = self.net(x, self.state, return_outputs=True)
+                logits, state, (raw, dropped) = self.net(x, state, return_outputs=True)
             else:
-                logits, state = self.net(x, self.state)
+                logits, state = self.net(x, state)
         loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # reported; AR/TAR and KL only in the gradient
         objective = loss + self.act_reg.penalty(raw.float(), dropped.float()) if self.act_reg.active else loss
         extra = self.model.regularizer.extra_loss(self.step, self.corpus.train.numel())  # bbb: weighted KL/N
-        value = guarded_update(objective if extra is None else objective + extra, loss, self.model, self.opt.optimizer,
-                               self.scaler, self.cfg.optim.clip, self.dist.mean, self.step + 1)
+        self.opt.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(objective if extra is None else objective + extra).backward()
+        return loss.detach(), state
+
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> float:
+        self.opt.set_step_lr(x.size(0))
+        self.model.train()
+        # keyed shared noise and flipout signs (lm.nn.rng), a graph's redraws too
+        with shared_noise(self.cfg.train.seed, self.step, self.dist.rank):
+            loss, state = self.windows(x, y, self.state)  # eager, or a CUDA graph (lm/train/graphs.py)
+        value = guarded_update(loss, self.model, self.opt.optimizer, self.scaler, self.cfg.optim.clip, self.dist.mean,
+                               self.step + 1)
         self.state = detach_state(state)
         return value
 
