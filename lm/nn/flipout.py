@@ -21,10 +21,15 @@ from lm.nn.fastrand import two_valued
 from lm.nn.tape import drawn, like as _like
 
 
-def sample_signs(shape: tuple[int, ...], like: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Uniform ±1 entries of ``shape`` with ``like``'s dtype and device (through the noise tape)."""
+def sample_signs(shape: tuple[int, ...], like: torch.Tensor, generator=None) -> torch.Tensor:
+    """Uniform ±1 entries of ``shape`` with ``like``'s dtype and device (through the noise tape).
+
+    ``generator``: a ``torch.Generator``, None (the default stream), or a function returning either
+    (keyed signs, :func:`lm.nn.rng.sign_generator`). A function is called inside the draw's recipe,
+    so a CUDA graph's tape, which re-runs the recipe before every replay, reseeds it for each step."""
     meta = _like(like)
-    return drawn(lambda: two_valued(shape, meta, 0.5, 1.0, -1.0, generator), shape)
+    return drawn(lambda: two_valued(shape, meta, 0.5, 1.0, -1.0, generator() if callable(generator) else generator),
+                 shape)
 
 
 @dataclass
@@ -42,8 +47,7 @@ class Flip:
     sign_out: torch.Tensor
 
     @classmethod
-    def sample(cls, delta: torch.Tensor, batch: int, steps: int | None = None,
-               generator: torch.Generator | None = None) -> "Flip":
+    def sample(cls, delta: torch.Tensor, batch: int, steps: int | None = None, generator=None) -> "Flip":
         """Draw sign vectors for ``batch`` examples, once (``steps=None``) or for each of ``steps`` steps."""
         lead = (batch,) if steps is None else (steps, batch)
         out_f, in_f = delta.shape

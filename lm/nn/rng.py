@@ -91,9 +91,8 @@ def shared_generator(device: torch.device | str) -> torch.Generator | None:
 
 
 def sign_generator(device: torch.device | str) -> torch.Generator | None:
-    """The generator for the next flipout sign draw (both sign vectors of one weight, ``S`` then
-    ``R``) on ``device``, or None (the default stream) outside :func:`shared_noise`. The next call
-    reseeds it."""
+    """The generator for the next flipout sign draw (one sign tensor, ``S`` or ``R``) on ``device``,
+    or None (the default stream) outside :func:`shared_noise`. The next call reseeds it."""
     if _current is None:
         return None
     j = _current.signs

@@ -33,6 +33,7 @@ K posterior samples is the evaluation's ``--mc-samples`` (its own issue).
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import ClassVar, Sequence
 
@@ -106,7 +107,7 @@ class BayesByBackprop(Regularizer):
         if not self.flipout:
             return mu + delta, None
         # signs per example, held over the window, from the keyed sign stream
-        return mu, Flip.sample(delta, batch, generator=sign_generator(mu.device))
+        return mu, Flip.sample(delta, batch, generator=functools.partial(sign_generator, mu.device))
 
     def layer_noise(self, layer: LSTMLayer, batch: int, steps: int) -> RecurrentNoise:
         noise = super().layer_noise(layer, batch, steps)

@@ -27,6 +27,7 @@ No KL term: the perturbation is used as pure regularizing noise.
 
 from __future__ import annotations
 
+import functools
 from typing import ClassVar
 
 import torch
@@ -58,7 +59,7 @@ class WeightNoise(Regularizer):
         if not self.flipout:
             return weight + delta, None
         return weight, Flip.sample(delta, batch, steps if self.cfg.resample_per_step else None,
-                                   sign_generator(weight.device))
+                                   functools.partial(sign_generator, weight.device))
 
     def shares_noise_across_batch(self) -> bool:
         """The shared perturbations (weight_drop, gauss) draw one ``ΔŴ`` for the whole batch.
