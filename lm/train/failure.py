@@ -43,7 +43,10 @@ def before_validation(trainer) -> bytes | None:
     if not trainer.dist.is_main:
         return None
     buffer = io.BytesIO()
-    torch.save({"format": FORMAT, "version": VERSION, **payload, "pending_validation": True}, buffer)
+    try:
+        torch.save({"format": FORMAT, "version": VERSION, **payload, "pending_validation": True}, buffer)
+    except Exception:  # noqa: BLE001  # a safety net only: without it a failed validation keeps the older last.pt
+        return None
     return buffer.getvalue()
 
 

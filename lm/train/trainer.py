@@ -152,7 +152,8 @@ class Trainer:
 
     def validate(self) -> bool:
         """Evaluate, checkpoint, apply the schedule and early stopping; return True to stop."""
-        self.phase, self.before = "validation", failure.before_validation(self)  # kept if this validation fails
+        self.phase = "validation"
+        self.before = failure.before_validation(self)  # written as last.pt if this validation fails
         train_loss = self._interval_loss()
         with self.opt.averaged_weights():
             val = self.evaluate("valid")
