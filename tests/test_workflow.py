@@ -110,3 +110,16 @@ def test_resume_refuses_an_eval_change_that_makes_best_incomparable(capsys, run_
     assert snapshot(run) == before
     code, _, err = call(capsys, "train", "--run-dir", run, "--resume", "--train.max_steps", "6", "--eval.bptt", "20")
     assert code == 0, err  # eval.bptt changes the speed only
+
+
+# -- dynamic evaluation: the defaults help a trained model -------------------------------------------
+@pytest.mark.parametrize("rule", ["rms", "sgd"])
+def test_dynamic_evaluation_defaults_improve_on_static(capsys, trained, rule):
+    """evaluate.py's own defaults (no --dynamic-lr / --dynamic-decay), one stream as Krause, lower the loss."""
+    _, run = trained
+    code, out, err = call(capsys, "evaluate", run / "best.pt", "--split", "valid", "--max-tokens", "600",
+                          "--batch-size", "1", "--dynamic-eval", "--dynamic-rule", rule, "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["dynamic"]["tokens"] == result["tokens"]
+    assert result["dynamic"]["loss"] < result["loss"] - 0.01, result
