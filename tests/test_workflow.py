@@ -78,7 +78,8 @@ def test_compare_shows_the_tokens_of_each_figure_and_warns_when_they_differ(caps
     header = next(line for line in text.splitlines() if line.startswith("| run"))
     assert "valid tokens" in header and "test tokens" in header
     assert "| 5,000 | 5,000 |" in text and "| 393,042 | 442,423 |" in text
-    assert "Not on the same tokens:** the valid figures above were scored on 5,000 and 393,042 tokens" in text
+    assert ("Not on the same tokens:** the rows above were scored on different tokens (the valid figures on 5,000 "
+            "and 393,042 tokens and the test figures on 5,000 and 442,423 tokens") in text
     table = json.loads((tmp_path / "out" / "compare.json").read_text())["tables"][0]
     assert table["tokens_differ"] == {"valid": [5000, 393042], "test": [5000, 442423]}
     code, text, _ = compare(capsys, tmp_path / "full")

@@ -259,10 +259,13 @@ def render_markdown(tables: list[dict]) -> str:
             cells = [row["run"], row["level"], row["regularizer"],
                      *(_cell(row[k], kinds.get(k, k)) for k, _ in cols), str(row["n"]), row["status"]]
             out.append("| " + " | ".join(cells) + " |")
-        for split, counts in t.get("tokens_differ", {}).items():
-            out += ["", f"**Not on the same tokens:** the {split} figures above were scored on "
-                    f"{' and '.join(f'{c:,}' for c in counts)} tokens (eval.max_tokens or the streams differ); "
-                    "compare only rows with equal counts, or score the checkpoints alike with evaluate.py."]
+        differ = t.get("tokens_differ", {})
+        if differ:
+            what = " and ".join(f"the {split} figures on {' and '.join(f'{c:,}' for c in counts)} tokens"
+                                for split, counts in differ.items())
+            out += ["", f"**Not on the same tokens:** the rows above were scored on different tokens ({what}; "
+                    "eval.max_tokens or the streams differ): compare only rows with equal counts, or score the "
+                    "checkpoints alike with evaluate.py."]
         out.append("")
     out.append("Mean ± sample standard deviation over the seeds of a config (seeds = runs averaged); "
                "tokens: the number of tokens each figure was scored on. "
