@@ -2,7 +2,8 @@
 
 Exit codes (docs/guarantees.md): 0 done; 1 the run diverged; 2 bad input (config, data,
 checkpoint, CLI, run directory); 3 the run directory could not be written (disk full,
-read-only file system); 130 / 143 interrupted by Ctrl-C (SIGINT) / SIGTERM.
+read-only file system); 4 an unexpected failure after training started (lm/train/failure.py:
+last.pt kept, traceback in the run directory); 130 / 143 interrupted by Ctrl-C (SIGINT) / SIGTERM.
 """
 
 from __future__ import annotations

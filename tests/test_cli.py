@@ -114,7 +114,8 @@ def test_existing_run_dir_is_not_overwritten(run, ptb_dir, tmp_path):
     run_dir.mkdir()
     keep = run_dir / "notes.txt"
     keep.write_text("precious")
-    one_line_error(run("train.py", "--config", "quickstart", "--run-dir", str(run_dir)), "--resume", "--force")
+    one_line_error(run("train.py", "--config", "quickstart", "--run-dir", str(run_dir)),
+                   "not a flipout-lm run directory", "another --run-dir")
     assert keep.read_text() == "precious"
 
 

@@ -15,7 +15,8 @@ from lm.config import load_config, to_dict
 
 
 def fake_run(path: Path, level: str = "char", seed: int = 1, valid: float = 1.5, test: float = 1.45,
-             done: bool = True, checkpoint: bool = False, lr: float = 0.002) -> Path:
+             done: bool = True, checkpoint: bool = False, lr: float = 0.002,
+             tokens: tuple[int, int] | None = None) -> Path:
     """A run directory as lm/train/trainer.py writes it, without training."""
     path.mkdir(parents=True)
     cfg = to_dict(load_config(base={"data": {"level": level}, "train": {"seed": seed}, "optim": {"lr": lr}}))
@@ -30,6 +31,8 @@ def fake_run(path: Path, level: str = "char", seed: int = 1, valid: float = 1.5,
         results = {"level": level, "regularizer": "none", "seed": seed, "params": 1000, "epochs": 3.0, "steps": 300,
                    "best_epoch": 3, "best_step": 300, "train_tokens_per_s": 1000.0 * seed, "wall_s": 180.0 + seed,
                    "valid": {"loss": 1.0, m: valid}, "test": {"loss": 1.0, m: test}}
+        if tokens:  # the number of tokens each figure was scored on
+            results["valid"]["tokens"], results["test"]["tokens"] = tokens
         (path / "results.json").write_text(json.dumps(results))
     return path
 

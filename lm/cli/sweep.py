@@ -2,7 +2,8 @@
 
 Runs the config once per seed, one after the other, into sibling directories
 ``<run dir>/seed<SEED>`` (``<run dir>`` is ``--run-dir`` or ``runs/<config name>``), which
-``evaluate.py compare <run dir>`` aggregates as mean ± std. Running the same command again
+``evaluate.py compare <run dir>`` aggregates as mean ± std (``<run dir>`` must not be a run
+itself: a sweep never writes inside a finished single run). Running the same command again
 continues the sweep: a seed whose directory has ``results.json`` is skipped, one with
 ``last.pt`` is resumed, one without any checkpoint is started afresh; ``--force`` restarts every
 seed. Skipping or resuming a seed whose saved config differs from the requested one
@@ -73,7 +74,8 @@ def run_sweep(args: argparse.Namespace, rest: Sequence[str], train_main: Callabl
         raise UserError("--parallel does not combine with torchrun: drop --parallel (torchrun already runs "
                         "one process per device)")
     base = Path(args.run_dir) if args.run_dir else Path("runs") / Path(args.config).stem
-    steps = plan(args.config, overrides, base, args.seeds, args.force)
+    steps = plan(args.config, overrides, base, args.seeds, args.force)  # the config first, then the directory
+    check_base(base)
     say = (lambda line: print(line, flush=True)) if int(os.environ.get("RANK", "0")) == 0 else (lambda line: None)
     say(f"seed sweep into {base}: " + ", ".join(f"seed {s} {a}" for s, _, a in steps))
 
@@ -96,8 +98,23 @@ def run_sweep(args: argparse.Namespace, rest: Sequence[str], train_main: Callabl
                 say(f"sweep stopped at seed {seed}; run the same command again to continue it")
                 return code
             codes.append(code)
-    say(f"seed sweep done: compare with python evaluate.py compare {base}")
+    say(f"seed sweep done: compare with {compare_command(base, [run for _, run, _ in steps])}")
     return max(codes, default=0)
+
+
+def check_base(base: Path) -> None:
+    """A sweep's directory must not be a run itself: seeds written inside a finished run would be hidden
+    by it (``evaluate.py compare`` shows a run directory, not what lies below it)."""
+    if any((base / name).is_file() for name in ("config.yaml", "last.pt", "best.pt")):
+        raise UserError(f"{base} is a run directory (trained without --seeds): a sweep writes <run dir>/seed<SEED> "
+                        f"and must not write inside a run; give the sweep its own directory, e.g. --run-dir "
+                        f"{base}_seeds")
+
+
+def compare_command(base: Path, runs: list[Path]) -> str:
+    """The ``evaluate.py compare`` command that shows this sweep's seeds: ``base`` when it holds nothing else."""
+    others = [p for p in base.iterdir() if p.is_dir() and p not in runs] if base.is_dir() else []
+    return "python evaluate.py compare " + (str(base) if not others else " ".join(map(str, runs)))
 
 
 def _seed_argv(config: str, run: Path, rest: Sequence[str], seed: int, action: str) -> list[str]:
@@ -119,5 +136,5 @@ def _run_parallel(args: argparse.Namespace, rest: Sequence[str], base: Path, ste
     if any(c >= EXIT_INTERRUPTED_MIN for c in codes):
         say("sweep stopped; run the same command again to continue it")
         return max(codes)
-    say(f"seed sweep done: compare with python evaluate.py compare {base}")
+    say(f"seed sweep done: compare with {compare_command(base, [run for _, run, _ in steps])}")
     return max(codes, default=0)

@@ -6,11 +6,11 @@ parses ``--section.key value`` overrides and merges the layers. The bottom of th
 imports only ``lm.errors``.
 """
 
-from lm.config.load import (CONFIG_DIR, RUNTIME_KEYS, config_help, flatten, load_config, parse_overrides,
+from lm.config.load import (CONFIG_DIR, RUNTIME_KEYS, check_keys, config_help, flatten, load_config, parse_overrides,
                             read_yaml, resolve_config_path, to_dict)
 from lm.config.schema import (SECTIONS, Config, DataConfig, EvalConfig, ModelConfig, OptimConfig,
                               RegularizerConfig, TrainConfig)
 
 __all__ = ["CONFIG_DIR", "RUNTIME_KEYS", "SECTIONS", "Config", "DataConfig", "EvalConfig", "ModelConfig",
-           "OptimConfig", "RegularizerConfig", "TrainConfig", "config_help", "flatten", "load_config",
+           "OptimConfig", "RegularizerConfig", "TrainConfig", "check_keys", "config_help", "flatten", "load_config",
            "parse_overrides", "read_yaml", "resolve_config_path", "to_dict"]

@@ -103,6 +103,18 @@ def parse_overrides(args: Sequence[str]) -> list[str]:
     return out
 
 
+def check_keys(overrides: Sequence[str]) -> None:
+    """Refuse unknown keys and values of the wrong type in ``overrides`` against the schema alone.
+
+    Checked before anything about the run directory, so a typo is reported as a typo; the values'
+    own checks (``__post_init__``) need the whole config and run in :func:`load_config`.
+    """
+    try:
+        OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.from_dotlist(list(overrides)))
+    except OmegaConfBaseException as e:
+        raise _config_error(e) from None
+
+
 def load_config(path: str | Path | None = None, overrides: Sequence[str] = (),
                 base: dict | None = None) -> Config:
     """Build a validated :class:`Config` from defaults, an optional YAML file or dict, and dotlist overrides."""

@@ -12,8 +12,11 @@ stands for the run directories below it at any depth (a seed sweep, or a study o
 * One table per data set and level (PTB char BPC, PTB word perplexity, each own corpus and
   tokenizer); own-corpus tables add text BPC, which compares across their tokenizations.
 
-The front end writes ``DIR/compare.md`` (also printed), ``DIR/compare.json`` (the same content,
-raw numbers) and ``DIR/curves.png`` (:mod:`lm.analysis.plots`).
+* Each figure comes with the number of tokens it was scored on; a table whose rows were scored
+  on different numbers of tokens (``eval.max_tokens``) says so under it.
+
+The front end prints the tables and, with ``--out DIR``, writes ``DIR/compare.md``,
+``DIR/compare.json`` (the same content, raw numbers) and ``DIR/curves.png`` (:mod:`lm.analysis.plots`).
 """
 
 from __future__ import annotations
@@ -32,8 +35,8 @@ from lm.config import RUNTIME_KEYS, flatten, load_config, to_dict
 from lm.errors import UserError
 from lm.eval.metrics import metric_name
 
-NUMERIC = ("params", "epochs", "best_epoch", "valid", "test", "valid_text_bpc", "test_text_bpc", "tokens_per_s",
-           "wall_s")
+NUMERIC = ("params", "epochs", "best_epoch", "valid", "test", "valid_tokens", "test_tokens", "valid_text_bpc",
+           "test_text_bpc", "tokens_per_s", "wall_s")
 
 
 @dataclass
@@ -141,19 +144,23 @@ def _values(run: Run) -> dict[str, Any]:
     r, last = run.results, (run.curve[-1] if run.curve else {})
     best = [rec for rec in run.curve if rec.get("best")] or run.curve
     if r is not None:
-        # fractional epoch of the best validation (results.json's best_epoch counts whole epochs)
+        # fractional epoch of the best validation, from the curve (older results.json files count whole epochs)
         at_best = [rec["epoch"] for rec in run.curve if rec.get("step") == r.get("best_step") and "epoch" in rec]
         return {"params": r.get("params"), "epochs": r.get("epochs"),
                 "best_epoch": at_best[-1] if at_best else r.get("best_epoch"),
                 "valid": r["valid"].get(m), "test": r["test"].get(m),
+                "valid_tokens": r["valid"].get("tokens"), "test_tokens": r["test"].get("tokens"),
                 "valid_text_bpc": r["valid"].get("text_bpc"), "test_text_bpc": r["test"].get("text_bpc"),
                 "tokens_per_s": r.get("train_tokens_per_s"), "wall_s": r.get("wall_s")}
     vals = [rec[f"valid_{m}"] for rec in run.curve if f"valid_{m}" in rec]
+    scored = [rec for rec in run.curve if f"valid_{m}" in rec]
+    at_min = min(scored, key=lambda rec: rec[f"valid_{m}"]) if scored else {}
     texts = [rec["valid_text_bpc"] for rec in run.curve if "valid_text_bpc" in rec]
     params = _from_checkpoint(run.path, "params")
     return {"params": int(params) if params is not None else None, "epochs": last.get("epoch"),
             "best_epoch": best[-1].get("epoch") if best else None, "valid": min(vals) if vals else None,
-            "test": None, "valid_text_bpc": min(texts) if texts else None, "test_text_bpc": None,
+            "test": None, "valid_tokens": at_min.get("valid_tokens"), "test_tokens": None,
+            "valid_text_bpc": min(texts) if texts else None, "test_text_bpc": None,
             "tokens_per_s": last.get("tokens_per_s"), "wall_s": last.get("elapsed_s")}
 
 
@@ -200,7 +207,14 @@ def aggregate(runs: list[Run]) -> list[dict]:
             "seeds": [r.config.get("train", {}).get("seed") for r in members], "n": len(members),
             "runs": [str(r.path) for r in members],
             **{k: _stat([r.values.get(k) for r in members]) for k in NUMERIC}})
+    for table in tables.values():  # scores on different tokens side by side: said under the table
+        table["tokens_differ"] = {split: counts for split in ("valid", "test")
+                                  if len(counts := _counts(table["rows"], f"{split}_tokens")) > 1}
     return list(tables.values())
+
+
+def _counts(rows: list[dict], key: str) -> list[int]:
+    return sorted({int(row[key]["mean"]) for row in rows if row.get(key)})
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -212,6 +226,8 @@ def _num(x: float, kind: str) -> str:
     if kind == "wall_s":
         h, rem = divmod(int(round(x)), 3600)
         return f"{h}h{rem // 60:02d}m" if h else (f"{rem // 60}m{rem % 60:02d}s" if rem >= 60 else f"{x:.1f}s")
+    if kind == "tokens":
+        return f"{int(x):,}"
     if kind in ("epochs", "best_epoch"):
         return f"{x:.2f}"
     if kind == "ppl":
@@ -223,7 +239,7 @@ def _cell(stat: dict | None, kind: str) -> str:
     if stat is None:
         return "—"
     text = _num(stat["mean"], kind)
-    return text + (f" ± {_num(stat['std'], kind)}" if stat["n"] > 1 and kind != "params" else "")
+    return text + (f" ± {_num(stat['std'], kind)}" if stat["n"] > 1 and kind not in ("params", "tokens") else "")
 
 
 def render_markdown(tables: list[dict]) -> str:
@@ -231,19 +247,28 @@ def render_markdown(tables: list[dict]) -> str:
     for t in tables:
         name = "BPC" if t["metric"] == "bpc" else "ppl"
         cols = [("params", "parameters"), ("epochs", "epochs"), ("best_epoch", "best epoch"),
-                ("valid", f"valid {name}"), ("test", f"test {name}")]
+                ("valid", f"valid {name}"), ("test", f"test {name}"), ("valid_tokens", "valid tokens"),
+                ("test_tokens", "test tokens")]
         if t["text_bpc"]:
             cols += [("valid_text_bpc", "valid text BPC"), ("test_text_bpc", "test text BPC")]
         cols += [("tokens_per_s", "train tok/s"), ("wall_s", "wall time")]
         header = ["run", "level", "regularizer", *(c for _, c in cols), "seeds", "status"]
         out += [f"## {t['title']}", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for row in t["rows"]:
-            kinds = {"valid": t["metric"], "test": t["metric"]}
+            kinds = {"valid": t["metric"], "test": t["metric"], "valid_tokens": "tokens", "test_tokens": "tokens"}
             cells = [row["run"], row["level"], row["regularizer"],
                      *(_cell(row[k], kinds.get(k, k)) for k, _ in cols), str(row["n"]), row["status"]]
             out.append("| " + " | ".join(cells) + " |")
+        differ = t.get("tokens_differ", {})
+        if differ:
+            what = " and ".join(f"the {split} figures on {' and '.join(f'{c:,}' for c in counts)} tokens"
+                                for split, counts in differ.items())
+            out += ["", f"**Not on the same tokens:** the rows above were scored on different tokens ({what}; "
+                    "eval.max_tokens or the streams differ): compare only rows with equal counts, or score the "
+                    "checkpoints alike with evaluate.py."]
         out.append("")
-    out.append("Mean ± sample standard deviation over the seeds of a config (seeds = runs averaged). "
+    out.append("Mean ± sample standard deviation over the seeds of a config (seeds = runs averaged); "
+               "tokens: the number of tokens each figure was scored on. "
                "*incomplete*: no results.json (crashed, interrupted or still training); its figures are the best "
                "validation so far, and it has no test figure.")
     return "\n".join(out) + "\n"

@@ -13,13 +13,18 @@ Keys fall in three groups (docs/training.md, "Changing settings on resume"):
   ``optim.nonmono`` replace the saved optimizer's and criterion's values;
 * everything else (stopping: ``train.max_epochs``, ``max_steps``, ``patience``,
   ``eval_every_steps``; ``train.bptt``, ``variable_bptt``; ``optim.clip``, ``decay_factor``,
-  ``reset_log_on_decay``; regularizer rates; ``eval.*``; runtime keys) is read live and applies.
+  ``reset_log_on_decay``; regularizer rates; ``eval.bptt``; runtime keys) is read live and applies.
+* ``eval.max_tokens`` and ``eval.batch_size`` decide which tokens a validation scores: once the
+  run has a best validation they are fixed too (:func:`check_scoring`), since a later score on
+  other tokens could not be compared with the best.
 
 ``last.pt`` itself must belong to the run: its config must agree with ``config.yaml`` on the
 fixed keys, else it is a checkpoint copied from another run and is refused.
 """
 
 from __future__ import annotations
+
+import math
 
 from lm.config import Config, flatten, to_dict
 from lm.errors import UserError
@@ -48,12 +53,12 @@ def fixed_differences(a: dict, b: dict) -> list[str]:
     return sorted(k for k in fa.keys() | fb.keys() if _why(k) and fa.get(k) != fb.get(k))
 
 
-def check_resume(saved: dict, checkpoint_config: dict, cfg: Config, run_dir) -> None:
+def check_resume(saved: dict, checkpoint_config: dict, cfg: Config, run_dir, checkpoint: dict | None = None) -> None:
     """Refuse a foreign last.pt and overrides that cannot apply to a resumed run.
 
     Args:
         saved: the run's config.yaml; checkpoint_config: ``last.pt["config"]``; cfg: the config
-        asked for (config.yaml + --config + overrides).
+        asked for (config.yaml + --config + overrides); checkpoint: last.pt itself (for its best).
     """
     foreign = fixed_differences(saved, checkpoint_config)
     if foreign:
@@ -68,6 +73,33 @@ def check_resume(saved: dict, checkpoint_config: dict, cfg: Config, run_dir) -> 
         others = f" (also {', '.join(changed[1:4])})" if len(changed) > 1 else ""
         raise UserError(f"{key} cannot change on --resume ({fs.get(key)!r} -> {fn.get(key)!r}): {_why(key)}{others}; "
                         "drop the override, or start a new run with --run-dir")
+    check_scoring(checkpoint_config, cfg, run_dir, checkpoint or {})
+
+
+SCORING_KEYS = ("eval.max_tokens", "eval.batch_size")  # which tokens a validation scores (eval.bptt: speed only)
+
+
+def check_scoring(checkpoint_config: dict, cfg: Config, run_dir, checkpoint: dict) -> None:
+    """Refuse an ``eval.*`` change that would score later validations on other tokens than the best so far.
+
+    The best validation loss in last.pt decides which later step becomes ``best.pt``; a score on
+    other tokens (``eval.max_tokens``) or other streams (``eval.batch_size``: the ``N mod B`` tail and
+    the carried context differ) cannot be compared with it.
+    """
+    best = float(checkpoint.get("best_val", math.inf))
+    if not math.isfinite(best):
+        return  # no validation yet: nothing to compare with
+    fc, fn = flatten(checkpoint_config), flatten(to_dict(cfg))
+    changed = [k for k in SCORING_KEYS if k in fc and fc[k] != fn[k]]
+    if not changed:
+        return
+    key = changed[0]
+    tokens = checkpoint.get("best_tokens")
+    on = f"{tokens:,} validation tokens" if tokens else f"the validation tokens of {key}={fc[key]!r}"
+    raise UserError(f"{key} cannot change on --resume ({fc[key]!r} -> {fn[key]!r}): the best validation so far "
+                    f"(step {checkpoint.get('best_step', '?')}) was scored on {on}, and a score on other tokens "
+                    f"cannot be compared with it; drop the override (score best.pt on other tokens with python "
+                    f"evaluate.py {run_dir}/best.pt --split valid), or start a new run with --run-dir")
 
 
 def apply_overrides(opt, checkpoint_config: dict, cfg: Config) -> str:

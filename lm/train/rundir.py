@@ -1,8 +1,9 @@
 """The run directory's policy: what may be replaced, one run at a time, and repair after a crash.
 
-* :func:`check_target` (before anything is loaded or written): a run directory that is a file,
-  an existing run without ``--resume`` / ``--force``, and ``--force`` on a directory that is not
-  a run directory of this codebase (it holds other files) are one-line errors.
+* :func:`check_target` (after the command line and the config are checked, before anything is
+  loaded or written): a run directory that is a file, one that holds files of other programs, and
+  an existing run without ``--resume`` / ``--force`` are one-line errors whose advice works as
+  given; a run directory without any checkpoint is started afresh with a notice.
 * :class:`RunLock`: an OS-level lock (``fcntl.flock``) on ``<run dir>/.lock``, which holds the
   PID, taken for the life of a run; a second start on the same directory exits 2 naming the
   holder. The kernel drops the lock when its process dies (even by ``kill -9``), so a lock file
@@ -32,8 +33,10 @@ from lm.files import atomic_write, storage_error
 
 LOCK = ".lock"
 TEMP = re.compile(r"^\..+\.tmp\d+$")  # lm.files.atomic_write's temporary files
+TRACEBACK = "traceback.txt"  # the full traceback of a failure during training (lm.train.failure)
 RUN_FILES = {"config.yaml", "metrics.jsonl", "best.pt", "last.pt", "results.json", "tokenizer.model", "tensorboard",
-             LOCK}
+             TRACEBACK, LOCK}
+CHECKPOINTS = ("last.pt", "best.pt")
 
 
 def _leftover(name: str) -> bool:
@@ -45,26 +48,54 @@ def contents(run_dir: Path) -> list[str]:
     return sorted(p.name for p in run_dir.iterdir() if not _leftover(p.name)) if run_dir.is_dir() else []
 
 
-def check_target(run_dir: Path, resume: bool, force: bool) -> None:
-    """Refuse a start that would mix or destroy files; touches nothing."""
+def _held(names: list[str]) -> str:
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
+
+
+def check_target(run_dir: Path, resume: bool, force: bool) -> str:
+    """Decide what a start does with ``run_dir``; touches nothing. Every refusal's advice works as given.
+
+    Returns:
+        'new' (absent or empty), 'resume' (``--resume`` and a ``last.pt``), 'replace' (``--force`` on a
+        run), or 'restart': a run directory of this codebase that holds no checkpoint (stopped before
+        its first ``last.pt``) is started afresh, by the command that made it or by ``--resume`` (then
+        from its ``config.yaml``); there is nothing to lose in it.
+    """
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"run directory {run_dir} is a file, not a directory: choose another --run-dir")
-    if resume:
-        if not (run_dir / "last.pt").is_file() or not (run_dir / "config.yaml").is_file():
-            raise UserError(f"cannot resume: {run_dir} has no last.pt and config.yaml; train it first without "
-                            "--resume")
-        return
     names = contents(run_dir)
+    foreign = [n for n in names if n not in RUN_FILES]
+    if foreign:
+        raise UserError(f"run directory {run_dir} is not a flipout-lm run directory ({_held(foreign)}): "
+                        "remove those files yourself or choose another --run-dir")
+    checkpoints = [n for n in CHECKPOINTS if n in names]
+    if resume:
+        if "last.pt" in names:
+            return "resume"
+        if not checkpoints and "config.yaml" in names:
+            return "restart"
+        if not checkpoints:
+            raise UserError(f"cannot resume: {run_dir} holds no run (no last.pt, no config.yaml): start it with "
+                            f"python train.py --config CONFIG --run-dir {run_dir}")
+        config = f"{run_dir}/config.yaml" if "config.yaml" in names else "CONFIG"
+        raise UserError(f"cannot resume: {run_dir} has best.pt but no last.pt: evaluate it with python evaluate.py "
+                        f"{run_dir}/best.pt, or train it again with python train.py --config {config} --run-dir "
+                        f"{run_dir} --force")
     if not names:
-        return
-    if not force:
+        return "new"
+    if not checkpoints:
+        return "restart"
+    if force:
+        return "replace"
+    if "last.pt" in names:
         raise UserError(f"run directory {run_dir} already exists: pass --resume to continue it, --force to "
                         "replace it, or --run-dir for a new one")
-    foreign = [n for n in names if n not in RUN_FILES]
-    if foreign or "config.yaml" not in names:
-        held = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "") if foreign else "no config.yaml"
-        raise UserError(f"--force refuses to delete {run_dir}: it is not a flipout-lm run directory ({held}); "
-                        "remove it yourself or choose another --run-dir")
+    raise UserError(f"run directory {run_dir} already exists (best.pt, no last.pt to resume from): pass --force "
+                    "to replace it, or --run-dir for a new one")
+
+
+def restart_notice(run_dir: Path) -> str:
+    return (f"notice: {run_dir} holds no checkpoint (it stopped before its first last.pt): starting it afresh")
 
 
 class RunLock:
@@ -139,8 +170,9 @@ def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
-def repair(run_dir: Path, last_step: int | None) -> None:
-    """Remove stale temporary files; with ``last_step`` (resume) drop metrics rows logged after it."""
+def repair(run_dir: Path, last_step: int | None, pending: bool = False) -> None:
+    """Remove stale temporary files; with ``last_step`` (resume) drop metrics rows logged after it (and,
+    with ``pending``, the row of the failed validation at that step, which the resume repeats)."""
     for p in run_dir.iterdir():
         if TEMP.match(p.name) and p.is_file():
             try:
@@ -158,12 +190,13 @@ def repair(run_dir: Path, last_step: int | None) -> None:
             row = json.loads(line)
         except ValueError:
             continue  # a row cut short by a crash
-        if isinstance(row, dict) and int(row.get("step", 0)) <= last_step:
+        if isinstance(row, dict) and (int(row.get("step", 0)) < last_step
+                                      or (int(row.get("step", 0)) == last_step and not pending)):
             keep.append(line)
     if len(keep) != len(lines):
         atomic_write(metrics, lambda tmp: tmp.write_text("".join(f"{line}\n" for line in keep)))
         print(f"notice: dropped {len(lines) - len(keep)} row(s) of {metrics} logged after last.pt's step "
-              f"{last_step}", file=sys.stderr)
+              f"{last_step}{' (its validation is repeated)' if pending else ''}", file=sys.stderr)
 
 
 def _kept(run_dir: Path) -> list[str]:

@@ -26,6 +26,7 @@ def payload(self, model_state: dict | None = None) -> dict:
         # clone: the carried state can be a view of the whole window's output, which torch.save would store
         "hidden": [[h.cpu().clone(), c.cpu().clone()] for h, c in self.dist.gather_state(self.state)],
         "best_val": self.best_val, "best_epoch": self.best_epoch, "best_step": self.best_step,
+        "best_tokens": self.best_tokens, "pending_validation": self.pending,
         "bad_validations": self.bad_validations, "elapsed": self.elapsed, "tokens_seen": self.tokens_seen,
         "wall": self.wall, "loss_sum": self.loss_sum, "loss_count": self.loss_count,
         **({"scaler": self.scaler.state_dict()} if self.scaler.is_enabled() else {}),
@@ -41,8 +42,11 @@ def restore(self, ck: dict) -> None:
     torch.set_rng_state(ck["rng"]["cpu"])
     if "cuda" in ck["rng"] and self.device.type == "cuda":
         torch.cuda.set_rng_state(ck["rng"]["cuda"], self.device)
-    for key in ("epoch", "step", "pos", "best_epoch", "best_step", "bad_validations", "tokens_seen"):
+    for key in ("epoch", "step", "pos", "best_step", "bad_validations", "tokens_seen"):
         setattr(self, key, int(ck[key]))
+    self.best_epoch = float(ck["best_epoch"])
+    self.best_tokens = int(ck["best_tokens"]) if ck.get("best_tokens") is not None else None
+    self.pending = bool(ck.get("pending_validation", False))  # a validation that failed: repeated first
     self.best_val, self.elapsed = float(ck["best_val"]), float(ck["elapsed"])
     self.wall_offset = float(ck["wall"])
     self.loss_sum, self.loss_count = float(ck.get("loss_sum", 0.0)), int(ck.get("loss_count", 0))

@@ -30,12 +30,13 @@ from lm.data.batching import num_windows
 from lm.data.custom import load_data, save_tokenizer
 from lm.eval.evaluation import evaluate
 from lm.eval.metrics import add_text_bpc, from_nats, metric_name
+from lm.errors import UserError
 from lm.files import atomic_write
 from lm.nn import hardware
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
 from lm.nn.rng import shared_noise
-from lm.train import report, snapshot
+from lm.train import failure, report, snapshot
 from lm.train.report import log
 from lm.train.activation_reg import ActivationRegularizer
 from lm.nn.precision import Precision
@@ -98,7 +99,11 @@ class Trainer:
         if cfg.train.cuda_graphs:
             say(self.windows.describe())
         self.epoch = self.step = self.pos = self.bad_validations = 0
-        self.best_val, self.best_epoch, self.best_step = math.inf, 0, 0
+        self.best_val, self.best_epoch, self.best_step = math.inf, 0.0, 0
+        self.best_tokens: int | None = None  # validation tokens the best score was computed on
+        self.pending = False  # a validation that failed before the last exit: repeated first (lm/train/failure.py)
+        self.phase, self.before = "start", None  # where the loop is, and last.pt's bytes before a validation
+        self.saved_step: int | None = None  # step of the last.pt this process wrote or resumed from
         self.elapsed, self.tokens_seen = 0.0, 0  # training-step seconds and tokens (for tokens/s)
         self.loss_sum, self.loss_count = 0.0, 0  # training losses since the last validation (saved in last.pt)
         self.wall_offset, self._wall_start = 0.0, time.perf_counter()  # wall clock incl. validation
@@ -109,6 +114,7 @@ class Trainer:
         if resume:
             ck = load_checkpoint(self.run_dir / "last.pt")
             self._restore(ck)
+            self.saved_step = self.step
             rng_ranks = ck.get("rng_ranks")
             self.resume_event = apply_overrides(self.opt, ck["config"], cfg)
         self.dist.seed_noise(cfg.train.seed, self.step, rng_ranks, self.device)  # no-op in one process
@@ -129,6 +135,8 @@ class Trainer:
             raise Diverged(f"non-finite weights ({bad[0]}) at step {self.step}")
         if self.dist.is_main:
             save_checkpoint(self.run_dir / name, payload)
+            if name == "last.pt":
+                self.saved_step = self.step
 
     def write_config(self) -> None:
         if not self.dist.is_main:
@@ -146,13 +154,22 @@ class Trainer:
                                                                  self.precision),
                                                         self.corpus, split))
 
-    def validate(self, train_loss: float) -> bool:
+    @property
+    def epochs_done(self) -> float:
+        """Fractional epochs trained (the ``epoch`` of metrics.jsonl and ``best_epoch`` of results.json)."""
+        return self.epoch + self.pos / max(1, self.train_data.size(0) - 1)
+
+    def validate(self) -> bool:
         """Evaluate, checkpoint, apply the schedule and early stopping; return True to stop."""
+        self.phase = "validation"
+        self.before = failure.before_validation(self)  # written as last.pt if this validation fails
+        train_loss = self._interval_loss()
         with self.opt.averaged_weights():
             val = self.evaluate("valid")
             improved = val["loss"] < self.best_val
             if improved:
-                self.best_val, self.best_epoch, self.best_step = val["loss"], self.epoch, self.step
+                self.best_val, self.best_epoch, self.best_step = val["loss"], self.epochs_done, self.step
+                self.best_tokens = int(val["tokens"])
                 self.bad_validations = 0
                 self.save("best.pt", {k: v.clone() for k, v in self.model.state_dict().items()})
         if not improved:
@@ -160,15 +177,17 @@ class Trainer:
         event = "; ".join(e for e in (self.resume_event, self.opt.after_validation(val["loss"])) if e)
         self.resume_event = ""
         m = metric_name(self.level)
-        record = {"epoch": self.epoch + self.pos / max(1, self.train_data.size(0) - 1), "step": self.step,
+        record = {"epoch": self.epochs_done, "step": self.step,
                   "lr": self.opt.lr, "train_loss": train_loss, f"train_{m}": from_nats(train_loss, self.level),
-                  "valid_loss": val["loss"], f"valid_{m}": val[m],
+                  "valid_loss": val["loss"], f"valid_{m}": val[m], "valid_tokens": int(val["tokens"]),
                   "tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "elapsed_s": self.wall,
                   "best": improved, "event": event, **{f"valid_{k}": val[k] for k in ("text_bpc",) if k in val},
                   **self.model.regularizer.log_stats(), **self.act_reg.flush()}  # bbb: kl, kl_weight, sigma_mean
         if self.dist.is_main:
             self._log(record, val, improved, event)
+        self.loss_sum, self.loss_count, self.pending = 0.0, 0, False  # the interval is done
         self.save("last.pt")
+        self.phase, self.before = "loop", None
         return bool(self.cfg.train.patience) and self.bad_validations >= self.cfg.train.patience
 
     def _log(self, record: dict, val: dict, improved: bool, event: str) -> None:
@@ -226,6 +245,10 @@ class Trainer:
             return EXIT_DIVERGED
         except OSError as e:  # disk full, read-only file system: atomic writes left the earlier files intact
             raise storage_failure(self.run_dir, e) from None
+        except UserError:
+            raise
+        except Exception as e:  # noqa: BLE001  # unexpected: keep the training, say where it stopped
+            return failure.report(self, e)
         finally:
             self.threads.stop()
             for s, handler in old.items():
@@ -234,7 +257,10 @@ class Trainer:
     def _fit(self) -> int:
         t = self.cfg.train
         m = metric_name(self.level)
-        stop = self.epoch >= t.max_epochs or (t.max_steps is not None and self.step >= t.max_steps)
+        self.phase = "loop"
+        stop = self.validate() if self.pending else False  # the validation that failed before the last exit
+        stop = (stop or self.epoch >= t.max_epochs or (t.max_steps is not None and self.step >= t.max_steps)
+                or bool(t.patience and self.bad_validations >= t.patience))
         while not stop:
             windows = num_windows(self.train_data, t.bptt)
             done = min(windows, self.pos // t.bptt)
@@ -243,7 +269,9 @@ class Trainer:
                        disable=None if t.progress and self.dist.is_main else True, leave=False, dynamic_ncols=True)
             for row, x, y in self.dist.windows(self.train_data, t.bptt, self.pos, t.variable_bptt, t.seed, self.epoch):
                 start = time.perf_counter()
+                self.phase = "step"
                 loss = self.train_step(x, y)
+                self.phase = "loop"
                 self.loss_sum, self.loss_count = self.loss_sum + loss, self.loss_count + 1
                 self.elapsed += time.perf_counter() - start
                 self.tokens_seen += y.numel() * self.dist.world
@@ -259,7 +287,7 @@ class Trainer:
                     break
                 capped = t.max_steps is not None and self.step >= t.max_steps
                 if (t.eval_every_steps and self.step % t.eval_every_steps == 0) or capped:
-                    stop = self.validate(self._interval_loss()) or capped
+                    stop = self.validate() or capped
                     if stop:
                         break
             bar.close()
@@ -273,16 +301,15 @@ class Trainer:
                 self.epoch, self.pos = self.epoch + 1, 0
                 self.state = self.model.init_state(self.train_data.size(1))
                 if not stop and self.loss_count and (not t.eval_every_steps or self.epoch >= t.max_epochs):
-                    stop = self.validate(self._interval_loss())
+                    stop = self.validate()
                 stop = stop or self.epoch >= t.max_epochs
+        self.phase = "finish"
         self.finish()
         return 0
 
     def _interval_loss(self) -> float:
-        """Mean training loss since the last validation; the sums restart (before validate saves last.pt)."""
-        mean = self.loss_sum / self.loss_count
-        self.loss_sum, self.loss_count = 0.0, 0
-        return mean
+        """Mean training loss since the last validation (validate restarts the sums before it saves last.pt)."""
+        return self.loss_sum / max(1, self.loss_count)
 
     def finish(self) -> dict:
         """Evaluate best.pt on valid and test and write results.json."""
@@ -292,6 +319,7 @@ class Trainer:
             "level": self.level, "regularizer": self.cfg.regularizer.name, "seed": self.cfg.train.seed,
             "params": count_parameters(self.model), "epochs": self.epoch + self.pos / max(1, self.train_data.size(0) - 1),
             "steps": self.step, "best_epoch": self.best_epoch, "best_step": self.best_step,
+            "best_valid_tokens": self.best_tokens,  # the tokens the choice of best.pt was scored on
             "train_tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "wall_s": self.wall,
             "valid": self.evaluate("valid"), "test": self.evaluate("test"),
             "precision": self.precision.describe(),
