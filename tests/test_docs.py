@@ -141,6 +141,7 @@ def commands(lines: list[str]) -> list[list[str]]:
         except ValueError:
             continue  # not shell (an output line with a stray quote)
         segment: list[str] = []
+        words = _without_redirections(words)
         for word in words + [";"]:
             if word and set(word) <= set(";&|"):
                 if segment:
@@ -149,6 +150,19 @@ def commands(lines: list[str]) -> list[list[str]]:
             else:
                 segment.append(word)
     return [c for c in (_from_runner(s) for s in out) if c]
+
+
+def _without_redirections(words: list[str]) -> list[str]:
+    """The words of a command line less its redirections (``> file``, ``2>&1``, ``< file``)."""
+    out, skip = [], False
+    for word in words:
+        if skip:
+            skip = False
+        elif re.fullmatch(r"\d?(>>?|<)", word):
+            skip = True  # the file name follows
+        elif not re.fullmatch(r"\d?>>?&?\S+|<\S+", word):
+            out.append(word)
+    return out
 
 
 def _from_runner(words: list[str]) -> list[str] | None:
