@@ -36,13 +36,12 @@ from lm.nn import hardware
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
 from lm.nn.rng import shared_noise
-from lm.train import failure, report, snapshot
+from lm.train import failure, graphs, report, results, snapshot
 from lm.train.report import log
 from lm.train.activation_reg import ActivationRegularizer
 from lm.nn.precision import Precision
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
 from lm.train.distributed import Single, current
-from lm.train import graphs
 from lm.train.optim import Optimization
 from lm.train.preflight import allocation_error, check_memory, check_sizes
 from lm.train.resume import apply_overrides
@@ -123,6 +122,7 @@ class Trainer:
     # -- checkpoints ------------------------------------------------------------------
     _payload = snapshot.payload
     _restore = snapshot.restore
+    finish = results.finish  # best.pt on valid and test, results.json
 
     @property
     def wall(self) -> float:
@@ -310,25 +310,3 @@ class Trainer:
     def _interval_loss(self) -> float:
         """Mean training loss since the last validation (validate restarts the sums before it saves last.pt)."""
         return self.loss_sum / max(1, self.loss_count)
-
-    def finish(self) -> dict:
-        """Evaluate best.pt on valid and test and write results.json."""
-        if self.dist.is_main:  # only rank 0 evaluates, and only its file system surely has best.pt
-            self.model.load_state_dict(load_checkpoint(self.run_dir / "best.pt")["model"])
-        results = {
-            "level": self.level, "regularizer": self.cfg.regularizer.name, "seed": self.cfg.train.seed,
-            "params": count_parameters(self.model), "epochs": self.epoch + self.pos / max(1, self.train_data.size(0) - 1),
-            "steps": self.step, "best_epoch": self.best_epoch, "best_step": self.best_step,
-            "best_valid_tokens": self.best_tokens,  # the tokens the choice of best.pt was scored on
-            "train_tokens_per_s": self.tokens_seen / max(self.elapsed, 1e-9), "wall_s": self.wall,
-            "valid": self.evaluate("valid"), "test": self.evaluate("test"),
-            "precision": self.precision.describe(),
-        }
-        if not self.dist.is_main:
-            return results
-        text = json.dumps(results, indent=2)
-        atomic_write(self.run_dir / "results.json", lambda tmp: tmp.write_text(text + "\n"))
-        m = metric_name(self.level)
-        log(f"best checkpoint (step {self.best_step}): valid {m} {results['valid'][m]:.4f} | "
-                   f"test {m} {results['test'][m]:.4f} -> {self.run_dir}/results.json")
-        return results
