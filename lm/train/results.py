@@ -10,6 +10,7 @@ from lm.nn.model import count_parameters
 from lm.train.checkpoint import load_checkpoint
 from lm.train.report import log
 
+
 def finish(self) -> dict:
     """Evaluate best.pt on valid and test and write results.json (a method of :class:`lm.train.trainer.Trainer`)."""
     if self.dist.is_main:  # only rank 0 evaluates, and only its file system surely has best.pt
