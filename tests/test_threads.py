@@ -202,7 +202,8 @@ def test_a_live_process_of_another_user_is_not_a_run(tmp_path):
     other = subprocess.Popen(["sleep", "60"], user=4242)
     try:
         (registry / str(other.pid)).write_text(threads._start_time(other.pid) + "\n")
-        assert active_runs(registry) == 1
+        register(os.getpid(), registry)
+        assert active_runs(registry) == 1  # this run alone: the other user's process is not one
     finally:
         other.kill()
         other.wait()
