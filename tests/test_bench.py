@@ -348,7 +348,7 @@ def test_memory_bench_compares_variable_and_fixed_bptt(ptb_dir, tmp_path, capsys
     out = tmp_path / "m.json"
     tiny = ["model.hidden_size=16", "model.emb_size=8", "train.batch_size=4", "data.train_tokens=5000",
             "train.bptt=20"]
-    assert module.main(["--config", "word_awd_wd_flipout.yaml", "--windows", "6", "--threads", "1",
+    assert module.main(["--config", "word_awd_wd_flipout.yaml", "--windows", "6", "--threads", "1", "--concurrent",
                         "--json", str(out), *[a for s in tiny for a in ("--set", s)]]) == 0
     rec = json.loads(out.read_text())
     fixed, variable = rec["rows"]["fixed"], rec["rows"]["variable"]
