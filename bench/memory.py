@@ -62,6 +62,10 @@ def child(config: str, windows: int, variable: bool, overrides: Sequence[str], t
             for _, x, y in trainer.dist.windows(trainer.train_data, t.bptt, 0, t.variable_bptt, t.seed, epoch):
                 trainer.train_step(x, y)
                 lengths.append(x.size(0))
+                peak, now = rss_bytes()
+                print(f"window {len(lengths)} length {x.size(0)}: peak RSS {peak / 2**20:,.0f} MiB, now "
+                      f"{now / 2**20:,.0f} MiB, pool {lstm_fused.POOL.bytes() / 2**20:,.1f} MiB",
+                      file=sys.stderr, flush=True)  # progress: a long run can be followed (--log)
                 if len(lengths) == windows:
                     break
             epoch += 1
@@ -81,6 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", default=None, help="write the two records and the ratio here")
     p.add_argument("--concurrent", action="store_true",
                    help="run the two processes at the same time (each peak is still its own process's)")
+    p.add_argument("--log", default=None, help="append each process's per-window figures to <LOG>.<fixed|variable>")
     p.add_argument("--child", choices=["fixed", "variable"], default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
@@ -92,13 +97,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                "--windows", str(args.windows), "--threads", str(args.threads)]
         for s in args.set:
             cmd += ["--set", s]
-        procs[mode] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        err = open(f"{args.log}.{mode}", "a") if args.log else subprocess.PIPE
+        procs[mode] = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=err, text=True)
         if not args.concurrent:
             procs[mode].wait()
     for mode, proc in procs.items():
         out, err = proc.communicate()
         if proc.returncode != 0:
-            print(err, file=sys.stderr)
+            print(err or f"see {args.log}.{mode}", file=sys.stderr)
             return proc.returncode
         rows[mode] = json.loads(out.strip().splitlines()[-1])
         r = rows[mode]

@@ -39,7 +39,7 @@ from lm.train.report import log
 from lm.train.activation_reg import ActivationRegularizer
 from lm.nn.precision import Precision
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
-from lm.train.distributed import Single, current
+from lm.train.distributed import Single, agree_on_noise, current
 from lm.train.optim import Optimization
 from lm.train.preflight import allocation_error, check_memory, check_sizes
 from lm.train.resume import apply_overrides
@@ -68,6 +68,7 @@ class Trainer:
         say = report.say if self.dist.is_main else (lambda line: None)
         for line in report.startup_lines(cfg, self.run_dir, resume, str(self.device), self.threads.describe()):
             say(line)  # before data loading: a redirected log says at once what runs where
+        self.noise = agree_on_noise(self.dist, self.device)  # every process the same generator, or a one-line error
         self.precision = Precision(cfg.train.precision, self.device, cfg.train.tf32)  # sets the TF32 flags
         self.scaler = self.precision.scaler()  # fp16 loss scaling; a pass-through otherwise
         torch.manual_seed(cfg.train.seed)
@@ -86,6 +87,7 @@ class Trainer:
         say(report.data_line(self.corpus, num_windows(self.train_data, cfg.train.bptt)))
         say(report.model_line(count_parameters(self.model)))
         say(report.kernel_line(str(self.device)))
+        say(report.noise_line(self.noise))
         self.opt = Optimization(cfg, self.model)
         self.act_reg = ActivationRegularizer(cfg.regularizer.ar, cfg.regularizer.tar)  # AR/TAR (Merity 2017)
         self.epoch = self.step = self.pos = self.bad_validations = 0
