@@ -69,7 +69,8 @@ def check(args: argparse.Namespace) -> None:
                         ("--dynamic-epsilon", args.dynamic_epsilon)):
         if value is not None and value < 0:
             raise UserError(f"{flag} {value} is invalid: expected a number >= 0")
-    for flag, value, low in (("--dynamic-segment", args.dynamic_segment, 1), ("--dynamic-streams", args.dynamic_streams, 1),
+    for flag, value, low in (("--dynamic-segment", args.dynamic_segment, 1),
+                             ("--dynamic-streams", args.dynamic_streams, 1),
                              ("--dynamic-stat-batches", args.dynamic_stat_batches, 0),
                              ("--dynamic-stat-streams", args.dynamic_stat_streams, 1),
                              ("--tune-max-tokens", args.tune_max_tokens, 2)):

@@ -81,7 +81,8 @@ class BuildStatus:
             return f"off ({self.reason}{target})" + (f"; {'; '.join(self.notes)}" if self.notes else "")
         how = f"built in {self.seconds:.1f} s" if self.seconds else "cached build"
         where = self.path or "not cached"
-        facts = f"{self.version or self.compiler}, -march={self.march}, {'OpenMP' if self.openmp else 'no OpenMP: one thread'}"
+        threads = "OpenMP" if self.openmp else "no OpenMP: one thread"
+        facts = f"{self.version or self.compiler}, -march={self.march}, {threads}"
         notes = f"; {'; '.join(self.notes)}" if self.notes else ""
         return f"C kernel ({how}, {facts}; {where}{notes})"
 
@@ -256,7 +257,8 @@ def status(name: str) -> BuildStatus:
 
 def build_info(name: str = "lstm_step") -> dict:
     """The build facts of ``name`` for the start-up summary and ``results.json``: ``ok``, ``compiler``
-    (its command), ``compiler_version``, ``march``, ``openmp``, ``cached`` and ``reason``/``notes`` when not as usual."""
+    (its command), ``compiler_version``, ``march``, ``openmp``, ``cached`` and ``reason``/``notes``
+    when not as usual."""
     s = status(name)
-    return {"ok": s.ok, "compiler": s.compiler, "compiler_version": s.version, "march": s.march or march(), "openmp": s.openmp if s.ok else None,
-            "cached": s.ok and s.seconds == 0.0, "path": s.path, "reason": s.reason, "notes": list(s.notes)}
+    return {"ok": s.ok, "compiler": s.compiler, "compiler_version": s.version, "march": s.march or march(),
+            "openmp": s.openmp if s.ok else None, "cached": s.ok and s.seconds == 0.0, "path": s.path, "reason": s.reason, "notes": list(s.notes)}
