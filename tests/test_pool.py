@@ -91,3 +91,27 @@ def test_training_windows_of_variable_length_keep_the_pool_bounded(one_thread):
         step(steps)
         assert lstm_fused.POOL.bytes() <= 1.5 * bound
     lstm_fused.clear_pool()
+
+
+class _Traced(Pool):
+    """A pool that records the most bytes it held (kept and lent) at any take."""
+
+    most = 0
+
+    def take(self, like, *shape, dtype=None):
+        out = super().take(like, *shape, dtype=dtype)
+        self.most = max(self.most, self.bytes() + self.lent_bytes())
+        return out
+
+
+def test_a_longer_window_does_not_add_its_buffers_on_top_of_the_shorter_ones():
+    """The first window longer than all before frees the shorter windows' kept buffers before it
+    allocates its own: its peak is within 10% of a window of its length on a fresh pool."""
+    like = torch.empty(0)
+    fresh = _Traced()
+    window(fresh, like, 40)
+    pool = _Traced()
+    window(pool, like, 20)
+    pool.most = 0
+    window(pool, like, 40)
+    assert pool.most <= 1.1 * fresh.most  # (a smaller first request may still take an old, larger buffer)

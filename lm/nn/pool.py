@@ -14,8 +14,11 @@ every shorter window (best fit: the smallest kept buffer that is large enough). 
 never exceed :meth:`Pool.cap`: the most bytes the pool has had out at once (the buffers of the
 longest window so far) plus its largest buffer (a window's buffers are not all out at the same
 time: without that slack one of them would be dropped and allocated again every window); when a
-longer window hands back larger buffers, the smallest kept ones go first. So the pool holds
-about one window's worth at its longest length, whatever the number of distinct lengths (AWD's variable BPTT draws dozens), instead of one set per length.
+longer window hands back larger buffers, the smallest kept ones go first. A request larger than
+every buffer so far (the first of a longer window) first frees the kept buffers, so that the
+longer window's new buffers do not come on top of the shorter windows' ones. So the pool holds
+about one window's worth at its longest length, whatever the number of distinct lengths (AWD's
+variable BPTT draws dozens), instead of one set per length.
 
 A graph that is dropped without a backward just frees its buffers (the pool holds only weak
 references to what it lent). A second backward through a retained graph is refused before it
@@ -55,6 +58,8 @@ class Pool:
         if fits:
             root = kept.pop(min(fits, key=lambda i: kept[i].numel()))
         else:
+            if need * dtype.itemsize > self.largest:  # larger than any buffer yet: a longer window has
+                kept.clear()  # begun, and every kept buffer (all smaller) is from shorter ones: free them first
             root = like.new_empty(need, dtype=dtype)
         self._lent[id(root)] = root
         self.high = max(self.high, self.lent_bytes())
