@@ -152,6 +152,20 @@ def _worker(rank: int, port: int, tmp: str, data_root: str) -> None:
         # the CLI path: a one-seed sweep inside the group
         cfg_file = write_config(tmp_path / f"sweep{rank}.yaml", cfgs["exact"])
         out["cli"] = train_cli.main(["--config", str(cfg_file), "--run-dir", str(tmp_path / "sweep"), "--seeds", "3"])
+        # the generator of the noise: agreed by all ranks, else one error on every rank
+        from lm.errors import UserError
+        from lm.nn import fastrand
+        try:
+            out["agree"] = d.agree("x", "philox", "philox (C)", "fix")
+        except AttributeError:  # a context without the check
+            out["agree"] = None
+        fastrand.FAST = False if rank == 1 else None  # rank 1 draws with torch's generator
+        try:
+            _trainer(cfgs["exact"], tmp_path / "ddp-mismatch", d)
+            out["mismatch"] = None
+        except UserError as e:
+            out["mismatch"] = str(e)
+        fastrand.FAST = None
     torch.save(out, tmp_path / f"rank{rank}.pt")
 
 
@@ -254,6 +268,17 @@ def test_collective_decisions(ddp):
     assert [r["stop"] for r in ranks] == [signal.SIGINT, signal.SIGINT]
     assert all(r["from_main"] == {"loss": 1.5} for r in ranks)
     assert all(r["mean"] == pytest.approx(0.5) for r in ranks)
+
+
+def test_ranks_that_draw_with_different_generators_stop_at_start_up(ddp):
+    """A rank without the Philox library would draw other shared noise: every rank stops at
+    start-up with one error naming each rank's generator."""
+    _, ranks = ddp
+    assert [r["agree"] for r in ranks] == ["philox", "philox"]
+    for r in ranks:
+        assert r["mismatch"] is not None and "disagree on the generator of the noise" in r["mismatch"]
+        assert "process 1: torch" in r["mismatch"] and "FLIPOUT_LM_FUSED" in r["mismatch"]
+        assert "\n" not in r["mismatch"]
 
 
 def test_cli_sweep_under_ddp(ddp):

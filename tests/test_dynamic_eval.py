@@ -74,6 +74,52 @@ def test_rms_rule_matches_krause_update_by_hand():
     assert got["loss"] == pytest.approx((loss1.item() + loss2.item()) / 2, rel=1e-5)
 
 
+@pytest.mark.parametrize("rule", ["rms", "sgd"])
+def test_three_updates_with_the_decay_term_match_the_rule_by_hand(rule):
+    """Three segments of one stream (the default: Krause's protocol): the second and third are
+    scored with weights that moved by the rule, including the decay towards W0, which is zero at
+    the first update and not at the second: rms ``W ← W − η g / (MS + ε) + λ d ∘ (W0 − W)`` with
+    ``d = min(MS / mean(MS), 1/λ)``; sgd ``W ← W − η g + λ (W0 − W)``."""
+    model, data = random_model()
+    lr, lam, eps = (0.05, 0.5, 1e-3) if rule == "rms" else (0.5, 0.3, 0.0)
+    ms = gradient_stats(model, data, 4, batch_size=2) if rule == "rms" else None
+    seg = data[:13]  # 3 segments of 4 targets
+    got = dynamic_evaluate(model, seg, "word", DynamicSettings(rule, lr, lam, 4, epsilon=eps), ms=ms)
+    no_decay = dynamic_evaluate(model, seg, "word", DynamicSettings(rule, lr, 0.0, 4, epsilon=eps), ms=ms)
+    params = list(model.parameters())
+    w0 = [p.detach().clone() for p in params]
+    if rule == "rms":
+        mean_ms = sum(m.mean() for m in ms) / len(ms)
+        rates = [(m / mean_ms).clamp(max=1 / lam) for m in ms]
+        assert any(bool((r < 1 / lam).any()) for r in rates)  # the clip does not decide everything
+    state, losses = model.init_state(1), []
+    for k in range(3):
+        x, y = seg[4 * k: 4 * k + 4, None], seg[4 * k + 1: 4 * k + 5, None]
+        logits, state = model(x, state)
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten())
+        losses.append(loss.item())
+        grads = torch.autograd.grad(loss, params)
+        state = [(h.detach(), c.detach()) for h, c in state]
+        with torch.no_grad():
+            for i, (p, g, w) in enumerate(zip(params, grads, w0)):
+                if rule == "rms":
+                    p.copy_(p - lr * g / (ms[i] + eps) + lam * rates[i] * (w - p))
+                else:
+                    p.copy_(p - lr * g + lam * (w - p))
+    with torch.no_grad():
+        for p, w in zip(params, w0):
+            p.copy_(w)
+    assert got["updates"] == 3 and got["loss"] == pytest.approx(sum(losses) / 3, rel=1e-5)
+    assert abs(got["loss"] - no_decay["loss"]) > 1e-3 * got["loss"]  # the decay term mattered
+
+
+def test_dynamic_evaluation_defaults_to_one_stream():
+    """Krause's protocol: the split as one stream unless asked otherwise."""
+    model, data = random_model()
+    s = DynamicSettings("sgd", 0.0, 0.0, 5)
+    assert dynamic_evaluate(model, data, "word", s)["tokens"] == data.numel() - 1
+
+
 def test_default_grid_is_krauses_rescaled():
     lrs, decays = default_grid("rms", 10)
     assert lrs[2] == pytest.approx(1e-4) and decays[1] == pytest.approx(4e-3)
@@ -106,14 +152,16 @@ def test_dynamic_evaluation_improves_validation_of_a_briefly_trained_model(train
 def test_cli_dynamic_eval_and_tuning(trained_run, capsys):
     base = [str(trained_run / "best.pt"), "--max-tokens", "300", "--json"]
     assert evaluate_script.main(base + ["--split", "valid", "--dynamic-eval", "--dynamic-rule", "sgd",
-                                        "--dynamic-lr", "0", "--bptt", "5"]) == 0
+                                        "--dynamic-lr", "0", "--bptt", "5", "--dynamic-streams", "5"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["dynamic"]["loss"] == out["loss"]  # lr 0 with the static windows: the static figure exactly
+    assert out["dynamic"]["loss"] == out["loss"]  # lr 0 with the static windows and streams: the static figure exactly
+    assert out["dynamic"]["streams"] == 5 and "not Krause's" in out["dynamic"]["protocol"]
     assert evaluate_script.main(base + ["--dynamic-eval", "--tune-on", "valid", "--tune-max-tokens", "200",
                                         "--dynamic-stat-batches", "5"]) == 0
     out = json.loads(capsys.readouterr().out)
     d = out["dynamic"]
     assert out["split"] == "test" and d["rule"] == "rms" and d["stats"]["data"] == "train"
+    assert d["streams"] == 1 and d["protocol"].startswith("Krause") and d["tokens"] == 299  # one stream
     assert len(d["tuned_on"]["grid"]) == 24 and d["tuned_on"]["tokens"] == 200
     best = min(d["tuned_on"]["grid"], key=lambda g: g["loss"])
     assert (d["lr"], d["decay"]) == (best["lr"], best["decay"]) and d["ppl"] > 0

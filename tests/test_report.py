@@ -50,6 +50,9 @@ def test_startup_summary_comes_before_data_loading(ptb_dir, tmp_path, capsys, mo
     assert f"{params:,} parameters" in after
     # how the recurrence steps run, with the fused step's one-time build cost (or why it is off)
     assert "  steps       C kernel (" in after or "  steps       off (" in after
+    # and which generator draws the noise: Philox where its library loaded, else torch's (and why)
+    from lm.nn import fastrand
+    assert f"  noise       {fastrand.generator_name('cpu')} (" in after
 
 
 def test_startup_line_is_flushed_to_a_pipe(ptb_dir, tmp_path):

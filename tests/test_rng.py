@@ -124,3 +124,48 @@ def test_single_process_variable_windows_do_not_touch_the_default_stream():
     lengths = [x.size(0) for _, x, _ in Single().windows(source, 35, 0, True, seed=4, epoch=2)]
     assert lengths == epoch_lengths(501, 35, 4, 2)
     assert torch.equal(torch.rand(3), expected)
+
+
+def test_keys_that_differ_only_in_high_bits_give_different_draws(monkeypatch):
+    """torch's CPU generator keeps only 32 bits of a seed: the keyed streams must not. Shared draws
+    (Philox and, with it off, torch's generator) and keyed generators with keys ``k`` and
+    ``k ^ 2**40`` differ; the same key gives the same draw."""
+    import lm.nn.rng as rng
+
+    k = 0x1234_5678_9ABC_DEF
+    key = {"value": k}
+    monkeypatch.setattr(rng, "key_seed", lambda *parts: key["value"])
+    like = torch.empty(0)
+
+    def shared(value, fast):
+        key["value"] = value
+        monkeypatch.setattr(fastrand, "FAST", fast)
+        with shared_noise(1, 1):
+            return (fastrand.normal((256,), like, shared_generator("cpu")),
+                    torch.empty(256).bernoulli_(0.5, generator=shared_generator("cpu")))
+
+    for fast in (None, False):
+        a, b, c = shared(k, fast), shared(k ^ 2**40, fast), shared(k, fast)
+        assert all(torch.equal(x, z) for x, z in zip(a, c))
+        assert not any(torch.equal(x, y) for x, y in zip(a, b)), f"FAST={fast}"
+    key["value"] = k
+    g1 = torch.rand(64, generator=rng.keyed_generator("bptt", 1, 0))
+    key["value"] = k ^ 2**40
+    assert not torch.equal(g1, torch.rand(64, generator=rng.keyed_generator("bptt", 1, 0)))
+
+
+def test_fold32_uses_every_bit():
+    base = fastrand.fold32(12345)
+    assert all(fastrand.fold32(12345 ^ (1 << b)) != base for b in range(63))
+    assert all(0 <= fastrand.fold32(x) < 2**32 for x in (0, 1, 2**63 - 1))
+
+
+def test_fallback_two_valued_draw_resolves_p_in_bfloat16(monkeypatch):
+    """torch's fallback draws the uniform in float32 also for a bf16 ``like``: P(below) = p to
+    within sampling error (a bf16 uniform has steps of 2^-8: P(u < 0.1) would be 26/256 = 0.1016)."""
+    monkeypatch.setattr(fastrand, "FAST", False)
+    n, p = 4_000_000, 0.1
+    m = fastrand.two_valued((n,), torch.empty(0, dtype=torch.bfloat16), p, 1.0, 0.0, torch.Generator().manual_seed(0))
+    assert m.dtype == torch.bfloat16
+    freq = m.float().mean().item()
+    assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5  # 4 standard errors: 6e-4

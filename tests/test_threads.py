@@ -101,9 +101,136 @@ def test_explicit_threads_and_gpu_runs_do_not_register(tmp_path, restore_threads
     assert gpu.start() == n and not any(tmp_path.iterdir())
 
 
-def test_default_registry_is_per_user(monkeypatch):
+def test_default_registry_is_per_user(monkeypatch, tmp_path):
     monkeypatch.delenv("FLIPOUT_LM_RUNS_DIR", raising=False)
+    monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     assert threads.registry_dir().name == f"flipout-lm-runs-{os.getuid()}"
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    assert threads.registry_dir() == tmp_path / "flipout-lm-runs"
+
+
+# -- a registry on a shared machine: each attack of another user ----------------------------
+
+as_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (chown, a process of another user)")
+
+
+def test_a_new_registry_is_private(tmp_path):
+    registry = tmp_path / "reg"
+    assert register(os.getpid(), registry) is not None
+    assert (registry.stat().st_mode & 0o777) == 0o700 and registry.stat().st_uid == os.geteuid()
+    assert (registry / str(os.getpid())).stat().st_mode & 0o022 == 0
+
+
+def test_a_symlinked_registry_is_not_used_and_nothing_there_is_touched(tmp_path, restore_threads):
+    victim = tmp_path / "victim"
+    victim.mkdir()
+    (victim / str(dead_pid())).write_text("precious\n")  # numeric name, no live process
+    registry = tmp_path / "reg"
+    registry.symlink_to(victim)
+    assert active_runs(registry) == 1 and register(os.getpid(), registry) is None
+    assert [p.name for p in victim.iterdir()] != [] and len(list(victim.iterdir())) == 1
+    policy = ThreadPolicy(0, registry=registry, interval=0.0, base=2)
+    policy.start()
+    assert policy.active == 1 and "registry not used" in policy.describe() and "not a directory" in policy.describe()
+    policy.stop()
+    assert len(list(victim.iterdir())) == 1
+
+
+def test_a_planted_entry_symlink_is_replaced_not_written_through(tmp_path):
+    registry = tmp_path / "reg"
+    registry.mkdir(mode=0o700)
+    target = tmp_path / "target"
+    target.write_text("precious\n")
+    (registry / str(os.getpid())).symlink_to(target)
+    entry = register(os.getpid(), registry)
+    assert entry is not None and not entry.is_symlink() and target.read_text() == "precious\n"
+    threads.unregister(entry)
+    assert target.read_text() == "precious\n"
+
+
+def test_a_fifo_named_like_a_pid_does_not_block_the_count(tmp_path, sleeper):
+    import threading
+
+    registry = tmp_path / "reg"
+    registry.mkdir(mode=0o700)
+    os.mkfifo(registry / str(sleeper.pid))
+    result = []
+    worker = threading.Thread(target=lambda: result.append(active_runs(registry)), daemon=True)
+    worker.start()
+    worker.join(20)
+    assert not worker.is_alive(), "the count blocked on a FIFO"
+    assert result == [1] and not (registry / str(sleeper.pid)).exists()
+
+
+def test_entries_writable_by_others_are_not_registrations(tmp_path, sleeper):
+    registry = tmp_path / "reg"
+    registry.mkdir(mode=0o700)
+    entry = register(sleeper.pid, registry)
+    register(os.getpid(), registry)
+    assert active_runs(registry) == 2
+    os.chmod(entry, 0o666)
+    assert active_runs(registry) == 1 and not entry.exists()  # the writable one is dropped
+
+
+def test_a_registry_writable_by_others_is_not_used(tmp_path, sleeper):
+    registry = tmp_path / "reg"
+    registry.mkdir()
+    os.chmod(registry, 0o777)
+    (registry / str(sleeper.pid)).write_text("\n")  # planted: would count as a live run
+    (registry / str(os.getpid())).write_text("\n")
+    assert active_runs(registry) == 1 and register(os.getpid() + 1, registry) is None
+
+
+@as_root
+def test_a_registry_owned_by_another_user_is_not_used(tmp_path, sleeper, restore_threads):
+    registry = tmp_path / "reg"
+    registry.mkdir(mode=0o700)
+    (registry / str(sleeper.pid)).write_text("\n")
+    (registry / str(dead_pid())).write_text("\n")
+    os.chown(registry, 4242, 4242)
+    policy = ThreadPolicy(0, registry=registry, interval=0.0, base=2)
+    assert policy.start() == 2 and policy.active == 1 and "owned by uid 4242" in policy.describe()
+    assert policy.maybe_adjust() is False
+    policy.stop()
+    assert len(list(registry.iterdir())) == 2  # nothing of theirs removed
+
+
+@as_root
+def test_a_live_process_of_another_user_is_not_a_run(tmp_path):
+    registry = tmp_path / "reg"
+    registry.mkdir(mode=0o700)
+    other = subprocess.Popen(["sleep", "60"], user=4242)
+    try:
+        (registry / str(other.pid)).write_text(threads._start_time(other.pid) + "\n")
+        register(os.getpid(), registry)
+        assert active_runs(registry) == 1  # this run alone: the other user's process is not one
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_every_oserror_counts_this_run_alone(tmp_path, monkeypatch, restore_threads):
+    """A registry whose entries cannot be removed (PermissionError) or listed (EIO): the policy
+    starts and re-counts without raising, counting this run alone."""
+    import errno
+
+    registry = tmp_path / "reg"
+    registry.mkdir(mode=0o700)
+    (registry / str(dead_pid())).write_text("\n")  # stale: the count removes it
+
+    def refuse(*a, **k):
+        raise PermissionError(errno.EACCES, "Permission denied")
+    monkeypatch.setattr(os, "unlink", refuse)
+    policy = ThreadPolicy(0, registry=registry, interval=0.0, base=2)
+    assert policy.start() == 2 and policy.active == 1
+    assert policy.maybe_adjust() is False
+
+    def broken(*a, **k):
+        raise OSError(errno.EIO, "Input/output error")
+    monkeypatch.setattr(os, "listdir", broken)
+    assert policy.maybe_adjust() is False and policy.active == 1 and "Input/output error" in policy.describe()
+    monkeypatch.undo()
+    policy.stop()
 
 
 def test_parallel_seeds(ptb_dir, tmp_path, monkeypatch, capsys):

@@ -40,6 +40,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                      help=f"decay lambda towards the trained weights (default: rms {KRAUSE_DECAY}, Krause's; sgd 0)")
     dyn.add_argument("--dynamic-segment", type=int, default=5,
                      help="segment length: tokens per stream between updates (default: 5, Krause's)")
+    dyn.add_argument("--dynamic-streams", type=int, default=1,
+                     help="streams the split is scored as (default: 1, Krause's protocol: each token predicted by "
+                     "weights that saw only the tokens before it; B > 1 is faster, but each update then mixes "
+                     "segments of B distant parts of the split)")
     dyn.add_argument("--dynamic-epsilon", type=float, default=2e-5, help="epsilon of the rms rule (default: 2e-5)")
     dyn.add_argument("--dynamic-stat-batches", type=int, default=0,
                      help="rms: gradient statistics from at most N training segments (0 = the whole training "
@@ -66,6 +70,7 @@ def check(args: argparse.Namespace) -> None:
         if value is not None and value < 0:
             raise UserError(f"{flag} {value} is invalid: expected a number >= 0")
     for flag, value, low in (("--dynamic-segment", args.dynamic_segment, 1),
+                             ("--dynamic-streams", args.dynamic_streams, 1),
                              ("--dynamic-stat-batches", args.dynamic_stat_batches, 0),
                              ("--dynamic-stat-streams", args.dynamic_stat_streams, 1),
                              ("--tune-max-tokens", args.tune_max_tokens, 2)):
@@ -90,7 +95,7 @@ def run(args: argparse.Namespace, model: LanguageModel, corpus: Corpus, cfg: Con
         out["mc"] = {"samples": r["samples"], "loss": r["loss"], m: r[m], "tokens": r["tokens"],
                      "draws": r["draws"], "bptt": bptt, "seed": args.seed}
     if args.dynamic_eval:
-        out["dynamic"] = _dynamic(args, model, corpus, cfg, data, batch_size, m)
+        out["dynamic"] = _dynamic(args, model, corpus, cfg, data, args.dynamic_streams, m)
     return out
 
 
@@ -113,7 +118,11 @@ def _dynamic(args, model, corpus, cfg, data, batch_size, m) -> dict:
         best = min(grid, key=lambda g: g["loss"])
         info["tuned_on"] = {"split": "valid", "tokens": int(valid.numel()), "grid": grid, "best_loss": best["loss"]}
     r = dynamic_evaluate(model, data, corpus.level, settings, batch_size, ms)
-    return {**settings.as_dict(), **info, "loss": r["loss"], m: r[m], "tokens": r["tokens"], "updates": r["updates"]}
+    protocol = ("Krause: one stream, each token predicted by weights that saw only the tokens before it"
+                if batch_size == 1 else f"{batch_size} streams: each update mixes segments of {batch_size} distant "
+                "parts of the split (not Krause's one-stream protocol)")
+    return {**settings.as_dict(), **info, "streams": batch_size, "protocol": protocol, "loss": r["loss"], m: r[m],
+            "tokens": r["tokens"], "updates": r["updates"]}
 
 
 def describe(out: dict, level: str) -> list[str]:
@@ -125,6 +134,7 @@ def describe(out: dict, level: str) -> list[str]:
         lines.append(f"MC ({r['samples']} samples, {r['draws']}): loss {r['loss']:.4f} nats/token | {m} {r[m]:.4f}")
     if "dynamic" in out:
         r = out["dynamic"]
-        lines.append(f"dynamic ({r['rule']}, lr {r['lr']:.3g}, decay {r['decay']:.3g}, segment {r['segment']}): "
+        lines.append(f"dynamic ({r['rule']}, lr {r['lr']:.3g}, decay {r['decay']:.3g}, segment {r['segment']}, "
+                     f"{r['streams']} stream{'s' if r['streams'] > 1 else ''}): "
                      f"loss {r['loss']:.4f} nats/token | {m} {r[m]:.4f}")
     return lines

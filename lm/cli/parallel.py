@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import lm
-from lm.train.threads import register
+from lm.train.threads import register, unregister
 
 _CHILD = ("import sys; from lm.errors import run_cli; from lm.cli.train import main; "
           "sys.exit(run_cli(main, sys.argv[1:]))")
@@ -70,8 +70,7 @@ def run_parallel(jobs: Sequence[tuple[int, Path, list[str]]], base: Path, parall
             for proc in [p for p in running if p.poll() is not None]:
                 seed, log, entry = running.pop(proc)
                 log.close()
-                if entry is not None:
-                    entry.unlink(missing_ok=True)
+                unregister(entry)
                 code = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode  # killed by a signal
                 codes.append(code)
                 say(f"seed {seed}: finished with exit code {code}"

@@ -19,6 +19,17 @@ Update rules, with ``W0`` the trained weights, ``g`` the gradient of the segment
 
 With ``η = 0`` both rules leave the weights unchanged and the result is static evaluation
 with windows of ``segment`` tokens, exactly.
+
+Parameters that receive no gradient in eval mode (the ρ of ``bbb`` and ``bbb_flipout``: the
+posterior's spread, unused by the mean-weight prediction) are left as they are, and the rms
+rule's mean of ``MS`` is taken over the parameters that do.
+
+**Streams.** Krause's protocol scores the split as **one** stream (``batch_size=1``, the default
+of ``evaluate.py --dynamic-eval``): every token is then predicted by weights that have seen only
+the tokens before it in corpus order. With ``B > 1`` streams each update averages the segments of
+B distant parts of the split, so a token is predicted by weights that have also seen tokens from
+later in the split (from the other streams): faster, but not Krause's protocol; ``evaluate.py``
+records the number of streams and says so in its JSON.
 """
 
 from __future__ import annotations
@@ -73,7 +84,8 @@ def gradient_stats(model: LanguageModel, train: torch.Tensor, segment: int, batc
         batch_size: streams of the training data (Krause: 100).
         max_batches: at most this many segments (0 = the whole split, Krause's default).
     Returns:
-        one tensor per ``model.parameters()`` entry, same shapes.
+        one tensor per ``model.parameters()`` entry, same shapes (zeros for a parameter that
+        receives no gradient in eval mode).
     """
     was_training = model.training
     model.eval()
@@ -85,9 +97,10 @@ def gradient_stats(model: LanguageModel, train: torch.Tensor, segment: int, batc
     for _, x, y in bptt_windows(source, segment):
         logits, state = model(x, state)
         loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
-        grads = torch.autograd.grad(loss, params)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)  # bbb's ρ: unused in eval mode
         for s, g in zip(sq, grads):
-            s.addcmul_(g, g)
+            if g is not None:
+                s.addcmul_(g, g)
         state = detach_state(state)
         count += 1
         if max_batches and count >= max_batches:
@@ -97,13 +110,13 @@ def gradient_stats(model: LanguageModel, train: torch.Tensor, segment: int, batc
 
 
 def dynamic_evaluate(model: LanguageModel, data: torch.Tensor, level: str, settings: DynamicSettings,
-                     batch_size: int = 10, ms: list[torch.Tensor] | None = None) -> dict:
+                     batch_size: int = 1, ms: list[torch.Tensor] | None = None) -> dict:
     """Score ``data`` while adapting the weights segment by segment; the weights are restored after.
 
     Args:
         data: ``(N,)`` token ids of the split.
         settings: rule, η, λ, segment length, ε.
-        batch_size: B streams, as in static evaluation (Krause used 1).
+        batch_size: B streams; 1 is Krause's protocol (see the module docstring).
         ms: :func:`gradient_stats` (required by the 'rms' rule).
     Returns:
         ``{'loss', 'tokens', 'bpc' | 'ppl', 'updates'}``.
@@ -119,7 +132,8 @@ def dynamic_evaluate(model: LanguageModel, data: torch.Tensor, level: str, setti
     lr, lam = settings.lr, settings.decay
     if settings.rule == "rms":
         assert ms is not None
-        mean_ms = sum(m.mean() for m in ms) / len(ms)
+        used = [m for m in ms if bool(m.any())] or ms  # tensors without a gradient do not count
+        mean_ms = sum(m.mean() for m in used) / len(used)
         rates = [(m / mean_ms).clamp(max=1 / lam) if lam > 0 else torch.zeros_like(m) for m in ms]
         scales = [1.0 / (m + settings.epsilon) for m in ms]
     source = batchify(data, batch_size).to(params[0].device)
@@ -133,9 +147,11 @@ def dynamic_evaluate(model: LanguageModel, data: torch.Tensor, level: str, setti
                 per_token = F.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
                 total += per_token.detach().double()  # scored before the update on this segment
                 tokens += y.numel()
-                grads = torch.autograd.grad(per_token / y.numel(), params)
+                grads = torch.autograd.grad(per_token / y.numel(), params, allow_unused=True)
             with torch.no_grad():
                 for i, (p, g, w0) in enumerate(zip(params, grads, originals)):
+                    if g is None:  # no gradient in eval mode (bbb's ρ): never moves from W0
+                        continue
                     if settings.rule == "sgd":
                         step = g.mul(-lr)
                         if lam:
@@ -154,7 +170,7 @@ def dynamic_evaluate(model: LanguageModel, data: torch.Tensor, level: str, setti
 
 
 def tune(model: LanguageModel, valid: torch.Tensor, level: str, base: DynamicSettings, lrs, decays,
-         batch_size: int = 10, ms: list[torch.Tensor] | None = None) -> tuple[DynamicSettings, list[dict]]:
+         batch_size: int = 1, ms: list[torch.Tensor] | None = None) -> tuple[DynamicSettings, list[dict]]:
     """Grid search of (η, λ) on ``valid``; returns the best settings and every grid point's result."""
     best, grid = None, []
     for lam in decays:

@@ -13,7 +13,10 @@ Three kinds of noise, three kinds of stream (docs/distributed.md):
   and in a single-process run, and it needs no state in a checkpoint. The generator lives on the
   weight's device (a CUDA generator for CUDA weights), so the draws agree between processes on
   the same kind of device; CPU and CUDA generators give different numbers. On a CPU, float32
-  draws take one number from the generator and expand it with Philox (:mod:`lm.nn.fastrand`).
+  draws use the 63-bit key as the Philox key (:mod:`lm.nn.fastrand`); torch's draws (CUDA, other
+  dtypes, Philox off) come from the generator seeded with the key, which on a CPU (mt19937, whose
+  seed has 32 bits) is the key folded to 32 bits so that every bit counts: there two keys give the
+  same stream with probability 2^-32 per pair.
 * **flipout signs** (per example, the flipout regularizers' own noise): inside
   :func:`shared_noise` the ``j``-th sign draw of a step comes from a generator keyed on
   ``("signs", seed, rank, step, j)``: per process (the rank is in the key), with no state in a
@@ -50,8 +53,9 @@ def key_seed(*parts: object) -> int:
 
 
 def keyed_generator(*parts: object, device: torch.device | str = "cpu") -> torch.Generator:
-    """A fresh generator on ``device`` seeded with :func:`key_seed` of ``parts``."""
-    return torch.Generator(device=device).manual_seed(key_seed(*parts))
+    """A fresh generator on ``device`` seeded with :func:`key_seed` of ``parts`` (every bit of the
+    key counts: :func:`lm.nn.fastrand.seed_keyed`)."""
+    return fastrand.seed_keyed(torch.Generator(device=device), key_seed(*parts))
 
 
 @dataclass
@@ -109,7 +113,7 @@ def _reseeded(stream: str, device: torch.device | str, key: tuple) -> torch.Gene
     g = _generators.get((stream, str(device)))
     if g is None:
         g = _generators[(stream, str(device))] = torch.Generator(device=device)
-    return g.manual_seed(key_seed(*key))
+    return fastrand.seed_keyed(g, key_seed(*key))
 
 
 def rand_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:

@@ -15,6 +15,10 @@ as the identity; :class:`DDPContext` (``WORLD_SIZE > 1``) implements them with `
   each rank's default stream: rank 0 keeps the seed's stream, rank ``r > 0`` reseeds from
   ``(seed, r, step)`` after building the model; ``last.pt`` holds every rank's stream, so a
   resume on the same number of processes continues each exactly;
+* generator: the shared noise is the same in every rank only if every rank draws it with the
+  same generator (Philox where its C library loaded, else torch's): one all-gather at start-up
+  checks that they agree (:func:`agree_on_noise`) and stops every rank with a one-line error
+  naming each rank's generator if not;
 * decisions: every rank must take the same number of steps. Rank 0 broadcasts the epoch's
   window lengths once per epoch; the training loss is averaged over ranks every step (so a
   divergence is seen by all), and that one collective also carries the stop signals: a
@@ -40,6 +44,7 @@ from torch import nn
 
 from lm.data.batching import bptt_windows
 from lm.errors import UserError
+from lm.nn import fastrand
 from lm.nn.rng import key_seed
 from lm.train.streams import RNG, Window, epoch_lengths, set_rng_state, windows_of
 
@@ -106,6 +111,11 @@ class Single:
 
     def barrier(self) -> None:
         pass
+
+    def agree(self, what: str, value: str, detail: str = "", fix: str = "") -> str:
+        """``value`` if every rank has the same (one collective), else a :class:`UserError` naming
+        each rank's value and ``detail``, and ``fix``."""
+        return value
 
 
 class DDPContext(Single):
@@ -240,6 +250,23 @@ class DDPContext(Single):
 
     def barrier(self) -> None:
         dist.barrier()
+
+    def agree(self, what: str, value: str, detail: str = "", fix: str = "") -> str:
+        seen: list[Any] = [None] * self.world
+        dist.all_gather_object(seen, (value, detail))
+        if len({v for v, _ in seen}) > 1:
+            ranks = "; ".join(f"process {r}: {d or v}" for r, (v, d) in enumerate(seen))
+            raise UserError(f"the processes disagree on {what} ({ranks}): {fix}")
+        return value
+
+
+def agree_on_noise(context: Single, device: torch.device) -> str:
+    """Check that every process draws the noise with the same generator (:func:`lm.nn.fastrand.generator_name`:
+    a process without the Philox library would draw other shared noise); the description of it."""
+    context.agree("the generator of the noise", fastrand.generator_name(device), fastrand.describe_generator(device),
+                  "give every node a working C compiler, the same FLIPOUT_LM_FUSED and FLIPOUT_LM_CACHE settings "
+                  "(or set FLIPOUT_LM_FUSED=0 on every node), so that all draw the same shared noise")
+    return fastrand.describe_generator(device)
 
 
 def current() -> Single:

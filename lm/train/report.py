@@ -124,6 +124,11 @@ def kernel_line(device: str) -> str:
     return f"  steps       {cext.status('lstm_step').describe()}"
 
 
+def noise_line(generator: str) -> str:
+    """Which generator draws the training noise (``philox`` or ``torch``, and why not Philox)."""
+    return f"  noise       {generator}"
+
+
 # -- the progress bar ---------------------------------------------------------------------
 
 def bar_span(windows: int, done: int, step: int, max_steps: int | None) -> int:

@@ -41,7 +41,7 @@ from lm.train.report import log
 from lm.train.activation_reg import ActivationRegularizer
 from lm.nn.precision import Precision
 from lm.train.checkpoint import load_checkpoint, save_checkpoint
-from lm.train.distributed import Single, current
+from lm.train.distributed import Single, agree_on_noise, current
 from lm.train.optim import Optimization
 from lm.train.preflight import allocation_error, check_memory, check_sizes
 from lm.train.resume import apply_overrides
@@ -71,6 +71,7 @@ class Trainer:
         for line in report.startup_lines(cfg, self.run_dir, resume, hardware.describe(self.device),
                                          self.threads.describe()):
             say(line)  # before data loading: a redirected log says at once what runs where
+        self.noise = agree_on_noise(self.dist, self.device)  # every process the same generator, or a one-line error
         self.precision = Precision(cfg.train.precision, self.device, cfg.train.tf32)  # sets the TF32 flags
         for line in report.precision_lines(self.precision):  # what runs in which dtype here, and why
             say(line)
@@ -91,6 +92,7 @@ class Trainer:
         say(report.data_line(self.corpus, num_windows(self.train_data, cfg.train.bptt)))
         say(report.model_line(count_parameters(self.model)))
         say(report.kernel_line(str(self.device)))
+        say(report.noise_line(self.noise))
         self.opt = Optimization(cfg, self.model)
         self.act_reg = ActivationRegularizer(cfg.regularizer.ar, cfg.regularizer.tar)  # AR/TAR (Merity 2017)
         self.windows = graphs.for_run(cfg, self.device, self.act_reg.active, self.dist.world, self.forward_backward,

@@ -12,16 +12,21 @@
  * the products (SIGNED, DGLOW) are float32 or, with `low`, bfloat16; the input projection X is
  * float32 or, with `xlow`, bfloat16 as autocast's matmul hands it over (read without a cast pass).
  *
- * Compiled with -O3 -march=native -fno-math-errno -fopenmp (lm/nn/cext.py). The two declarations
+ * Compiled with -O3 -march=native (or $FLIPOUT_LM_MARCH) -fno-math-errno -fopenmp (lm/nn/cext.py;
+ * without -fopenmp where the compiler rejects it: then one thread, the same results). The two declarations
  * below let gcc call glibc's vector expf / tanhf (libmvec, glibc >= 2.35 for tanhf), so each loop
  * is vectorised, while IEEE semantics stay: no -ffast-math, whose reciprocal turned 1 / (1 + inf)
  * into NaN and whose finite-math would hide a NaN. OpenMP splits rows across the threads torch
  * uses (the same libgomp as torch, which is loaded first).
  */
 #include <math.h>
-#include <omp.h>
 #include <stdint.h>
 #include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#else  /* a compiler without OpenMP (Apple's clang): the pragmas are ignored and every row runs on thread 0 */
+static inline int omp_get_thread_num(void) { return 0; }
+#endif
 
 #pragma omp declare simd notinbranch
 float expf(float);

@@ -8,7 +8,8 @@
  * top 24 bits, as torch.rand's float32 draws: multiples of 2^-24 in [0, 1)), or four normals by
  * Box-Muller on two pairs (the radius from a full 32-bit uniform in (0, 1], so |z| <= 6.66).
  *
- * Compiled like lstm_step.c (lm/nn/cext.py): -O3 -march=native -fno-math-errno -fopenmp; the
+ * Compiled like lstm_step.c (lm/nn/cext.py): -O3 -march=native -fno-math-errno -fopenmp (or without
+ * OpenMP: one thread, the same numbers, since a draw does not depend on the thread count); the
  * vector logf / sinf / cosf of glibc's libmvec are declared below so that the loops vectorise.
  */
 #include <math.h>
