@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1] / "lm"
-TOP = {"config", "errors", "files"}
+TOP = {"config", "errors", "files", "private"}
 TOP_OF_NN = {"lm.nn.model", "lm.nn.regularized", "lm.nn.regularizer_args"}
 # what each part may import besides itself (the top-level modules are open to all)
 ALLOWED = {

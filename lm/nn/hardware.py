@@ -31,6 +31,7 @@ import platform
 
 import torch
 
+from lm.nn import cext
 from lm.nn.lstm_matmul import onednn_linear_available
 
 # oneDNN ISA names (ONEDNN_MAX_CPU_ISA) under which its bf16 instructions are not used
@@ -157,9 +158,13 @@ def describe(device: torch.device | str) -> str:
 
 
 def facts(device: torch.device | str) -> dict:
-    """What results.json and the benchmark JSONs record of the machine."""
+    """What results.json and the benchmark JSONs record of the machine: CPU model, ISA, bf16 units,
+    threads, and on a CPU the C step's build (on CUDA the GPU and its compute capability)."""
     device = torch.device(device)
     out = {"cpu": cpu_model(), "isa": isa(), "bf16_units": bf16_units(), "threads": torch.get_num_threads()}
+    if device.type == "cpu":  # the fused C step's build: compiler, target (FLIPOUT_LM_MARCH), OpenMP
+        info = cext.build_info("lstm_step")
+        out["c_step"] = {k: info[k] for k in ("ok", "compiler_version", "march", "openmp", "reason")}
     if device.type == "cuda":
         out["gpu"] = torch.cuda.get_device_name(device)
         out["compute_capability"] = ".".join(map(str, cuda_capability(device)))
