@@ -374,3 +374,19 @@ def test_memory_bench_compares_variable_and_fixed_bptt(ptb_dir, tmp_path, capsys
     assert all(r["peak_rss_bytes"] >= r["rss_built_bytes"] > 0 and r["windows"] == 6 for r in (fixed, variable))
     assert rec["peak_ratio"] == variable["peak_rss_bytes"] / fixed["peak_rss_bytes"]
     assert "variable / fixed peak RSS" in capsys.readouterr().out
+
+
+def test_precision_ab_prints_a_ratio_per_regularizer(tmp_path, capsys):
+    """bench/precision_ab.py alternates fp32 and bf16 steps of one model and records the ratio, the
+    plan (what ran in which dtype) and the machine class of each regularizer."""
+    ab = _load("precision_ab")
+    out = tmp_path / "ab.json"
+    assert ab.main(["--tiny", "--rounds", "2", "--threads", "1", "--only", "none,zoneout", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert [r["name"] for r in records] == ["none", "zoneout"]
+    for r in records:
+        assert len(r["ratios"]) == 2 and r["bf16_speed_over_fp32"] > 0 and r["plan"].startswith("bf16: ")
+        assert r["machine"]["isa"]
+    assert "zoneout: bf16 speed / fp32 speed" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        ab.main(["--tiny", "--only", "nope"])
