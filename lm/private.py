@@ -76,11 +76,7 @@ def open_dir(path: Path, create: bool = True) -> int:
         if os.path.islink(path) or e.errno in (getattr(os, "ELOOP", -1), getattr(os, "ENOTDIR", -1)):
             raise Untrusted(f"{path} is not a directory (a symlink or another kind of file)") from None
         raise
-    why = dir_problem(os.fstat(fd), uid())
-    if why:
-        os.close(fd)
-        raise Untrusted(f"{path} {why}")
-    return fd
+    return _checked(fd, dir_problem, path)
 
 
 def open_file(name: str, dir_fd: int | None = None, flags: int = os.O_RDONLY, mode: int = 0o600) -> int:
@@ -92,10 +88,15 @@ def open_file(name: str, dir_fd: int | None = None, flags: int = os.O_RDONLY, mo
         if e.errno in (getattr(os, "ELOOP", -1), getattr(os, "ENXIO", -1), getattr(os, "EMLINK", -1)):
             raise Untrusted(f"{name} is not a regular file (a symlink, FIFO, device or directory)") from None
         raise
-    why = file_problem(os.fstat(fd), uid())
+    return _checked(fd, file_problem, name)
+
+
+def _checked(fd: int, problem, label) -> int:
+    """``fd`` if ``problem`` finds nothing wrong with what it refers to, else closed and :class:`Untrusted`."""
+    why = problem(os.fstat(fd), uid())
     if why:
         os.close(fd)
-        raise Untrusted(f"{name} {why}")
+        raise Untrusted(f"{label} {why}")
     return fd
 
 
