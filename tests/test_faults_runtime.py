@@ -159,17 +159,17 @@ def test_read_only_file_system(capsys, tmp_path, trained, monkeypatch):
 
     real_open = os.open
 
-    def read_only_open(path, flags, *a):
+    def read_only_open(path, flags, *a, **kw):
         if str(path).endswith(".lock"):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
-        return real_open(path, flags, *a)
+        return real_open(path, flags, *a, **kw)
 
     monkeypatch.setattr(rundir.os, "open", read_only_open)
     one_line(call(capsys, "train", "--config", trained[0], "--run-dir", tmp_path / "r"), 3,
              "Read-only file system", "writable --run-dir")
     monkeypatch.undo()
 
-    def read_only_replace(src, dst):
+    def read_only_replace(src, dst, **kw):
         raise OSError(errno.EROFS, "Read-only file system")
 
     monkeypatch.setattr(files.os, "replace", read_only_replace)  # the lock worked, then the file system went

@@ -104,7 +104,8 @@ def _trainer(tmp_path, name: str, graphed: bool, variable: bool = False, device:
     base["regularizer"] = {"name": name, **reg}
     base["model"].update(hidden_size=8, emb_size=8)
     base["data"]["train_tokens"] = 1200
-    base["train"].update(max_steps=6, eval_every_steps=6, bptt=7, variable_bptt=variable, progress=False,
+    steps = 16 if variable else 6  # variable: enough windows that some bucketed length comes back (a replay)
+    base["train"].update(max_steps=steps, eval_every_steps=steps, bptt=7, variable_bptt=variable, progress=False,
                          cuda_graphs=graphed, cuda_graph_lengths=3, threads=1, device=device)
     base["eval"].update(max_tokens=200, bptt=20)
     return Trainer(load_config(base=base), tmp_path / ("graphed" if graphed else "eager"))
