@@ -154,7 +154,9 @@ def test_cli_dynamic_eval_and_tuning(trained_run, capsys):
     assert evaluate_script.main(base + ["--split", "valid", "--dynamic-eval", "--dynamic-rule", "sgd",
                                         "--dynamic-lr", "0", "--bptt", "5", "--dynamic-streams", "5"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert out["dynamic"]["loss"] == out["loss"]  # lr 0 with the static windows and streams: the static figure exactly
+    # lr 0 with the static windows and streams: the static figure, up to float32 summation order (on AVX2
+    # ATen sums in another order than on AVX-512: 7.4272338350 against 7.4272338867)
+    assert out["dynamic"]["loss"] == pytest.approx(out["loss"], rel=4 * 2**-24)
     assert out["dynamic"]["streams"] == 5 and "not Krause's" in out["dynamic"]["protocol"]
     assert evaluate_script.main(base + ["--dynamic-eval", "--tune-on", "valid", "--tune-max-tokens", "200",
                                         "--dynamic-stat-batches", "5"]) == 0
