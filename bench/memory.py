@@ -34,6 +34,8 @@ from typing import Sequence
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lm.nn import hardware  # noqa: E402  (the machine class of the figures)
+
 
 def rss_bytes() -> tuple[int, int]:
     """(peak, current) resident set of this process in bytes (``/proc/self/status``; elsewhere the
@@ -116,7 +118,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.json:
         out = {"config": args.config, "overrides": args.set, "windows": args.windows, "rows": rows,
                "peak_ratio": ratio, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-               "machine": {"platform": platform.platform(), "processor": platform.processor(),
+               "machine": {**hardware.facts("cpu"), "platform": platform.platform(), "processor": platform.processor(),
                            "cpus": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()}}
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(out, indent=1) + "\n")
