@@ -77,9 +77,10 @@ def write_json(path, obj) -> None:
     record of a list says which machine class measured it (``machine``: CPU model, ISA, bf16
     units, threads); a script that writes one dict adds it itself."""
     path = Path(path)
-    for rec in obj if isinstance(obj, list) else []:
-        if isinstance(rec, dict):
-            rec.setdefault("machine", hardware.facts("cpu"))
+    records = [r for r in obj if isinstance(r, dict)] if isinstance(obj, list) else []
+    facts = hardware.facts("cpu") if records else None  # read once, not per record
+    for rec in records:
+        rec.setdefault("machine", facts)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
