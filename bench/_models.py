@@ -15,6 +15,7 @@ from torch import nn
 from torch.profiler import record_function
 
 from lm.config import ModelConfig, RegularizerConfig
+from lm.nn.decoder_loss import decoder_cross_entropy
 from lm.nn.model import LanguageModel, detach_state
 from lm.nn.precision import Precision, fused_in_float32
 from lm.train.optim import fused_adam_ok
@@ -86,7 +87,8 @@ class NNLSTMModel(nn.Module):
         zeros = self.decoder.weight.new_zeros(self.layers, batch, self.hidden)
         return zeros, zeros.clone()
 
-    def forward(self, tokens: torch.Tensor, state):
+    def forward(self, tokens: torch.Tensor, state, targets: torch.Tensor | None = None):
+        """Logits and state, or (``targets`` given) the mean loss as :class:`LanguageModel` computes it."""
         if self.encoder is None:
             x = F.one_hot(tokens, self.vocab).to(self.decoder.weight.dtype)
         else:
@@ -96,7 +98,9 @@ class NNLSTMModel(nn.Module):
                 out, state = self.rnn(x.float(), state)
         else:
             out, state = self.rnn(x, state)
-        return self.decoder(out), state
+        if targets is None:
+            return self.decoder(out), state
+        return decoder_cross_entropy(out.flatten(0, 1), self.decoder.weight, self.decoder.bias, targets.flatten()), state
 
 
 class Runner:
@@ -126,9 +130,8 @@ class Runner:
     def train_step(self) -> None:
         """As :meth:`lm.train.trainer.Trainer.train_step`: forward, loss, backward, clip, step."""
         self.model.train()
-        with self.precision.autocast():
-            logits, state = self.model(self.x, self.state)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), self.y.flatten())
+        with self.precision.autocast():  # the trainer's loss (lm/nn/decoder_loss.py), in both models
+            loss, state = self.model(self.x, self.state, targets=self.y)
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
         if self.size.clip:

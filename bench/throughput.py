@@ -77,6 +77,14 @@ Usage::
     python bench/throughput.py --device cuda --json runs/throughput_cuda.json
     python bench/throughput.py --tiny --json /tmp/t.json          # seconds (tests)
     python bench/throughput.py --threads 2 --precision fp32,bf16 --json runs/bf16.json
+    python bench/throughput.py --threads 2 --sizes char --precision fp32,bf16 --runs 3 --json runs/t3.json
+
+``--runs N`` repeats the whole measurement N times in one invocation (each run with its own warm-up,
+rounds and floors); every record carries ``run`` (1..N), and a last table gives per row the median
+over the runs of the training ratio, the floor and the share of the floor (each run's ratio over its
+own floor) with the runs' range. Each record's ``machine`` holds the CPU model, the ISA, the bf16
+units and ``thp`` (``alloc``: PyTorch's allocator asks for huge pages, ``THP_MEM_ALLOC_ENABLE=1``;
+``system``: the kernel's mode).
 """
 
 from __future__ import annotations
@@ -193,6 +201,28 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def runs_table(records: list[dict]) -> str:
+    """Per row (size, precision, regularizer): the median over runs of the training ratio, of the
+    floor and of the share of the floor, each run's share being its own ratio over its own floor,
+    with the runs' range; the tokens/s are medians too. ``--runs`` > 1."""
+    rows: dict[tuple, list[dict]] = {}
+    for r in records:
+        rows.setdefault((r["size"], r.get("precision", "fp32"), r["name"]), []).append(r)
+    lines = ["| size | precision | regularizer | kernel | runs | train tok/s | train ratio (range) | floor "
+             "| of floor (range) |", "|" + "---|" * 9]
+    med = statistics.median
+    for (size, precision, name), rs in rows.items():
+        ratios = [r["ratio_vs_nn_lstm"] for r in rs]
+        floors_ = [r["matmul_floor"] for r in rs if r.get("matmul_floor")]
+        shares = [r["ratio_vs_nn_lstm"] / r["matmul_floor"] for r in rs if r.get("matmul_floor")]
+        floor = (f"{med(floors_):.2f} | {med(shares):.2f} ({min(shares):.2f}-{max(shares):.2f})" if shares
+                 else "- | -")
+        lines.append(f"| {size} | {precision} | {name} | {rs[0]['kernel']} | {len(rs)} "
+                     f"| {med(r['train_tokens_per_s'] for r in rs):,.0f} "
+                     f"| {med(ratios):.2f} ({min(ratios):.2f}-{max(ratios):.2f}) | {floor} |")
+    return "\n".join(lines)
+
+
 def precision_table(records: list[dict]) -> str:
     """Each model's low-precision training (and evaluation) tokens/s over its fp32 tokens/s; empty
     unless the records hold fp32 and at least one low precision."""
@@ -223,9 +253,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                    f"choices: {', '.join(regularizers('char'))}")
     p.add_argument("--precision", default="fp32", help="comma-separated list of: fp32, bf16, fp16 (default fp32); "
                    "each is timed in turn, every model under the same policy")
+    p.add_argument("--runs", type=int, default=1, help="run the whole table this many times (each run its own "
+                   "warm-up and rounds) and print per-row medians and ranges over the runs (default 1)")
     p.add_argument("--json", type=Path, default=None, help="also write the records to this JSON file")
     p.add_argument("--no-floor", dest="floor", action="store_false", help="skip the matmul floors (bench/_floor.py)")
     args = p.parse_args(argv)
+    if args.runs < 1:
+        p.error(f"--runs {args.runs}: give 1 or more")
     args.precisions = [x for x in args.precision.split(",") if x]
     bad = [x for x in args.precisions if x not in PRECISIONS]
     if bad or not args.precisions:
@@ -262,13 +296,24 @@ def _run(args: argparse.Namespace) -> int:
     log(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, device {device}, "
         f"{torch.get_num_threads()} threads")
     records = []
-    for precision in args.precisions:
-        for size in args.size_list:
-            records += measure(table[size], args.names, device, rounds, warmup, log, precision, args.floor)
-    print(format_table(records))
-    speedups = precision_table(records)
-    if speedups:
-        print("\nlow precision against fp32 (tokens/s ratio, same model):\n\n" + speedups)
+    for run in range(1, args.runs + 1):
+        if args.runs > 1:
+            log(f"run {run} of {args.runs}")
+        these = []
+        for precision in args.precisions:
+            for size in args.size_list:
+                these += measure(table[size], args.names, device, rounds, warmup, log, precision, args.floor)
+        for rec in these:
+            rec["run"] = run
+        if args.runs > 1:
+            print(f"\nrun {run} of {args.runs}:\n")
+        print(format_table(these))
+        speedups = precision_table(these)
+        if speedups:
+            print("\nlow precision against fp32 (tokens/s ratio, same model):\n\n" + speedups)
+        records += these
+    if args.runs > 1:
+        print(f"\nmedians over {args.runs} runs (range over the runs in brackets):\n\n" + runs_table(records))
     if args.json:
         write_json(args.json, records)
     return 0

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import math
 import sys
+import statistics
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -390,3 +391,25 @@ def test_precision_ab_prints_a_ratio_per_regularizer(tmp_path, capsys):
     assert "zoneout: bf16 speed / fp32 speed" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         ab.main(["--tiny", "--only", "nope"])
+
+
+def test_runs_repeat_the_table_and_give_medians_over_the_runs(throughput, tmp_path, capsys):
+    """--runs 3: three tables, every record with its run, and the medians table from those records."""
+    out = tmp_path / "r.json"
+    assert throughput.main(["--tiny", "--threads", "1", "--rounds", "1", "--sizes", "char", "--only", "zoneout",
+                            "--runs", "3", "--json", str(out)]) == 0
+    records = json.loads(out.read_text())
+    assert sorted((r["run"], r["name"]) for r in records) == [(k, n) for k in (1, 2, 3) for n in ("nn_lstm", "zoneout")]
+    text = capsys.readouterr().out
+    assert "run 3 of 3" in text and "medians over 3 runs" in text
+    zone = [r for r in records if r["name"] == "zoneout"]
+    shares = sorted(r["ratio_vs_nn_lstm"] / r["matmul_floor"] for r in zone)
+    ratios = sorted(r["ratio_vs_nn_lstm"] for r in zone)
+    row = (f"| char | fp32 | zoneout | window | 3 | {statistics.median(r['train_tokens_per_s'] for r in zone):,.0f} "
+           f"| {ratios[1]:.2f} ({ratios[0]:.2f}-{ratios[2]:.2f}) "
+           f"| {statistics.median(r['matmul_floor'] for r in zone):.2f} | {shares[1]:.2f} ({shares[0]:.2f}-{shares[2]:.2f}) |")
+    assert row in text, row
+    machine = records[0]["machine"]
+    assert {"cpu", "isa", "bf16_units", "thp"} <= set(machine) and set(machine["thp"]) == {"alloc", "system"}
+    with pytest.raises(SystemExit):
+        throughput.main(["--tiny", "--runs", "0"])

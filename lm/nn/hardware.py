@@ -81,6 +81,20 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "cpu"
 
 
+def thp() -> dict:
+    """Transparent huge pages: ``alloc``, whether PyTorch's CPU allocator asks for them
+    (``THP_MEM_ALLOC_ENABLE=1``, read by c10 at its first allocation), and ``system``, the
+    kernel's mode (``always``, ``madvise`` or ``never``; None where it cannot be read). With
+    ``madvise`` the allocator's request is what turns them on for tensors of 2 MiB and more."""
+    system = None
+    try:
+        text = open("/sys/kernel/mm/transparent_hugepage/enabled").read()
+        system = text.split("[", 1)[1].split("]", 1)[0] if "[" in text else text.strip()
+    except (OSError, IndexError):
+        pass
+    return {"alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "") == "1", "system": system}
+
+
 def isa() -> str:
     """The ISA of this process's kernels: ATen's capability, and oneDNN's cap where one is set
     (``AVX512``, ``AVX2``, ``AVX2 (oneDNN AVX2)``, ...)."""
@@ -159,10 +173,11 @@ def describe(device: torch.device | str) -> str:
 
 def facts(device: torch.device | str) -> dict:
     """What results.json and the benchmark JSONs record of the machine: CPU model, ISA, bf16 units,
-    threads, and on a CPU the C step's build (on CUDA the GPU and its compute capability)."""
+    threads, and on a CPU transparent huge pages (:func:`thp`) and the C step's build (on CUDA the GPU and its compute capability)."""
     device = torch.device(device)
     out = {"cpu": cpu_model(), "isa": isa(), "bf16_units": bf16_units(), "threads": torch.get_num_threads()}
     if device.type == "cpu":  # the fused C step's build: compiler, target (FLIPOUT_LM_MARCH), OpenMP
+        out["thp"] = thp()
         info = cext.build_info("lstm_step")
         out["c_step"] = {k: info[k] for k in ("ok", "compiler_version", "march", "openmp", "reason")}
     if device.type == "cuda":

@@ -20,6 +20,7 @@ from torch import nn
 
 from lm.config import ModelConfig, RegularizerConfig
 from lm.errors import UserError
+from lm.nn.decoder_loss import decoder_cross_entropy
 from lm.nn.lstm import LSTMLayer
 from lm.nn.noise import State
 from lm.nn.regularized import RegularizedLSTM
@@ -89,13 +90,15 @@ class LanguageModel(nn.Module):
         return [(w.new_zeros(batch_size, layer.hidden_size), w.new_zeros(batch_size, layer.hidden_size))
                 for layer in self.layers]
 
-    def forward(self, tokens: torch.Tensor, state: list[State],
-                return_outputs: bool = False) -> tuple[torch.Tensor, list[State]] | tuple:
+    def forward(self, tokens: torch.Tensor, state: list[State], return_outputs: bool = False,
+                targets: torch.Tensor | None = None) -> tuple[torch.Tensor, list[State]] | tuple:
         """Args: tokens ``(T, B)`` ids; state from :meth:`init_state` or the previous window;
-        ``return_outputs``: also return the last layer's outputs (for AR/TAR, Merity et al. 2017).
-        Returns: logits ``(T, B, V)`` and the new state (not detached); with ``return_outputs`` a
-        third item ``(raw, dropped)``, the last layer's output before and after ``drop_output``,
-        each ``(T, B, H_last)``."""
+        ``return_outputs``: also return the last layer's outputs (for AR/TAR, Merity et al. 2017);
+        ``targets``: ``(T, B)`` next-token ids, to get the mean cross-entropy instead of the logits
+        (the training loss: :mod:`lm.nn.decoder_loss` never keeps a ``(T, B, V)`` tensor beside it).
+        Returns: logits ``(T, B, V)`` (or the float32 loss, a scalar, given ``targets``) and the new
+        state (not detached); with ``return_outputs`` a third item ``(raw, dropped)``, the last
+        layer's output before and after ``drop_output``, each ``(T, B, H_last)``."""
         reg = self.regularizer
         if self.encoder is None:
             x = F.one_hot(tokens, self.vocab_size).to(self.decoder.weight.dtype)
@@ -104,9 +107,12 @@ class LanguageModel(nn.Module):
         x = reg.drop_input(x)
         x, new_state = self.lstm.run(x, state, reg)
         dropped = reg.drop_output(x)
-        if return_outputs:
-            return self.decoder(dropped), new_state, (x, dropped)
-        return self.decoder(dropped), new_state
+        if targets is None:
+            out = self.decoder(dropped)
+        else:
+            out = decoder_cross_entropy(dropped.flatten(0, 1), self.decoder.weight, self.decoder.bias,
+                                        targets.flatten())
+        return (out, new_state, (x, dropped)) if return_outputs else (out, new_state)
 
 
 def _rename_stack_keys(module: nn.Module, state_dict: dict, prefix: str, *args) -> None:

@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from tqdm import tqdm
 
@@ -207,11 +206,11 @@ class Trainer:
     def forward_backward(self, x: torch.Tensor, y: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         """One window's forward, loss and backward into fresh ``.grad`` (what a CUDA graph captures)."""
         with self.precision.autocast():  # bf16/fp16 matmuls
+            # the mean cross-entropy, reported; AR/TAR and KL only in the gradient
             if self.act_reg.active:
-                logits, state, (raw, dropped) = self.net(x, state, return_outputs=True)
+                loss, state, (raw, dropped) = self.net(x, state, return_outputs=True, targets=y)
             else:
-                logits, state = self.net(x, state)
-        loss = F.cross_entropy(logits.float().flatten(0, 1), y.flatten())  # reported; AR/TAR and KL only in the gradient
+                loss, state = self.net(x, state, targets=y)
         objective = loss + self.act_reg.penalty(raw.float(), dropped.float()) if self.act_reg.active else loss
         extra = self.model.regularizer.extra_loss(self.step, self.corpus.train.numel())  # bbb: weighted KL/N
         self.opt.optimizer.zero_grad(set_to_none=True)
