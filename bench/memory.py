@@ -61,7 +61,8 @@ def child(config: str, windows: int, variable: bool, overrides: Sequence[str], t
         built, _ = rss_bytes()
         t, lengths, epoch = cfg.train, [], 0
         while len(lengths) < windows:
-            for _, x, y in trainer.dist.windows(trainer.train_data, t.bptt, 0, t.variable_bptt, t.seed, epoch):
+            for _, x, y in trainer.dist.windows(trainer.train_data, t.bptt, 0, t.variable_bptt, t.seed, epoch,
+                                                      t.variable_bptt_max):
                 trainer.train_step(x, y)
                 lengths.append(x.size(0))
                 peak, now = rss_bytes()

@@ -112,3 +112,22 @@ def test_variable_bptt_lengths():
     source = batchify(torch.arange(5000), 5)
     total = sum(x.size(0) for _, x, _ in bptt_windows(source, 70, variable=True, generator=g))
     assert total == source.size(0) - 1
+
+
+def test_variable_bptt_max_cuts_only_the_longer_draws():
+    """train.variable_bptt_max: the same draws as without it, those above the cap cut to it."""
+    free, capped = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
+    a = [sample_window_length(70, free) for _ in range(3000)]
+    b = [sample_window_length(70, capped, longest=80) for _ in range(3000)]
+    assert b == [min(n, 80) for n in a]
+    # P(length > 80) = 0.95 P(N(70, 5) >= 81) = 0.95 (1 - Phi(2.2)) = 0.0132: 3000 draws give 39.7 +- 6.2,
+    # so at least one is cut (and the cap is reached) with overwhelming probability
+    assert max(a) > 80 and max(b) == 80
+
+
+def test_variable_bptt_max_is_checked():
+    from lm.config import TrainConfig
+    from lm.errors import UserError
+    assert TrainConfig(bptt=70, variable_bptt=True, variable_bptt_max=80).variable_bptt_max == 80
+    with pytest.raises(UserError, match="train.variable_bptt_max"):
+        TrainConfig(bptt=70, variable_bptt=True, variable_bptt_max=60)

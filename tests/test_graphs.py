@@ -156,3 +156,11 @@ def test_captured_training_matches_eager_on_cuda(ptb_dir, tmp_path, variable):
     assert graphed.windows.counts["captured"] >= 1, (graphed.windows.counts, graphed.windows.failed)
     for (key, a), b in zip(eager.model.state_dict().items(), graphed.model.state_dict().values()):
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5, msg=lambda m: f"{key}: {m}")
+
+
+def test_likely_lengths_with_a_cap_give_the_cap_the_tail():
+    """With train.variable_bptt_max the cap collects every longer draw: with a cap at the mean it is
+    the single most likely length (P = 0.95 * P(N(70, 5) >= 70) = 0.475), and nothing above it is captured."""
+    lengths = graphs.likely_lengths(70, True, 8, longest=70)
+    assert lengths[0] == 70 and max(lengths) == 70
+    assert graphs.likely_lengths(70, True, 8, longest=100) == graphs.likely_lengths(70, True, 8)

@@ -169,3 +169,10 @@ def test_fallback_two_valued_draw_resolves_p_in_bfloat16(monkeypatch):
     assert m.dtype == torch.bfloat16
     freq = m.float().mean().item()
     assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5  # 4 standard errors: 6e-4
+
+
+def test_epoch_lengths_with_a_cap_are_the_same_draws_cut():
+    free, capped = epoch_lengths(20001, 70, seed=1, epoch=0), epoch_lengths(20001, 70, seed=1, epoch=0, longest=72)
+    assert max(capped) == 72 and sum(capped) == 20000
+    k = next(i for i, n in enumerate(free) if n > 72)  # the first cut: everything before it agrees
+    assert capped[:k] == free[:k] and capped[k] == 72

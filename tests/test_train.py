@@ -147,3 +147,23 @@ def test_adam_is_torch_fused_where_it_applies():
         fused.step(), plain.step()
     for a, b in zip(params, twins):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_training_windows_respect_variable_bptt_max(ptb_dir, tmp_path, monkeypatch):
+    """The trainer hands train.variable_bptt_max to the window sampler: with the cap at bptt no window
+    is longer than bptt, and without it (same seed) some are (P(> 10) = 0.95 * 0.5 per window)."""
+    from lm.train.trainer import Trainer
+    seen = []
+    real = Trainer.train_step
+
+    def record(self, x, y):
+        seen.append(x.size(0))
+        return real(self, x, y)
+
+    monkeypatch.setattr(Trainer, "train_step", record)
+    cfg = write_tiny(tmp_path, train={"variable_bptt": True, "max_epochs": 1})
+    for cap, run in ((["--train.variable_bptt_max", "10"], "capped"), ([], "free")):
+        seen.clear()
+        assert train_script.main(["--config", str(cfg), "--run-dir", str(tmp_path / run), *cap]) == 0
+        longest = max(seen)
+        assert (longest == 10) if cap else (longest > 10), (cap, seen)

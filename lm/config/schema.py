@@ -175,6 +175,9 @@ class TrainConfig:
     batch_size: int = _f(40, "training batch size (parallel token streams)")
     bptt: int = _f(35, "BPTT window length")
     variable_bptt: bool = _f(False, "AWD variable window length (bptt or bptt/2, jittered) with lr rescale")
+    variable_bptt_max: Optional[int] = _f(None, "with variable_bptt: the longest window drawn, longer draws are "
+                                          "cut to it (bounds a window's memory; AWD's main.py has this guard "
+                                          "at bptt + 10, commented out); null = no cap")
     max_epochs: int = _f(100, "maximum number of epochs")
     max_steps: Optional[int] = _f(None, "stop after this many optimizer steps (smoke runs); null = no cap")
     eval_every_steps: int = _f(0, "validate every K steps (0 = once per epoch)")
@@ -197,6 +200,9 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for key in ("batch_size", "bptt", "max_epochs"):
             _check(f"train.{key}", getattr(self, key) > 0, "a positive integer", getattr(self, key))
+        if self.variable_bptt_max is not None:
+            _check("train.variable_bptt_max", self.variable_bptt_max >= self.bptt, "an integer >= train.bptt or null",
+                   self.variable_bptt_max)
         if self.max_steps is not None:
             _check("train.max_steps", self.max_steps > 0, "a positive integer or null", self.max_steps)
         _check("train.eval_every_steps", self.eval_every_steps >= 0, "a non-negative integer", self.eval_every_steps)

@@ -86,11 +86,12 @@ class Single:
         return [state]
 
     def windows(self, source: torch.Tensor, bptt: int, start: int, variable: bool, seed: int = 0,
-                epoch: int = 0) -> Iterator[Window]:
-        """The training windows of epoch ``epoch`` from row ``start``; variable lengths: :func:`epoch_lengths`."""
+                epoch: int = 0, longest: int | None = None) -> Iterator[Window]:
+        """The training windows of epoch ``epoch`` from row ``start``; variable lengths: :func:`epoch_lengths`
+        (none longer than ``longest``)."""
         if not variable:
             return bptt_windows(source, bptt, start)
-        return windows_of(source, epoch_lengths(source.size(0), bptt, seed, epoch), start)
+        return windows_of(source, epoch_lengths(source.size(0), bptt, seed, epoch, longest), start)
 
     def from_main(self, fn: Callable[[], Any]) -> Any:
         """``fn()`` computed on rank 0 and broadcast (e.g. a validation result)."""
@@ -180,7 +181,7 @@ class DDPContext(Single):
         return states
 
     def windows(self, source: torch.Tensor, bptt: int, start: int, variable: bool, seed: int = 0,
-                epoch: int = 0) -> Iterator[Window]:
+                epoch: int = 0, longest: int | None = None) -> Iterator[Window]:
         if not variable:
             yield from bptt_windows(source, bptt, start)
             return
@@ -189,7 +190,7 @@ class DDPContext(Single):
         rows = source.size(0)
         box = torch.zeros((rows - 1) // 5 + 1, dtype=torch.int64, device=self.comm)  # windows are >= 5 but the last
         if self.is_main:
-            lengths = epoch_lengths(rows, bptt, seed, epoch)
+            lengths = epoch_lengths(rows, bptt, seed, epoch, longest)
             box[: len(lengths)] = torch.tensor(lengths, dtype=torch.int64)
         dist.broadcast(box, 0)
         yield from windows_of(source, [n for n in box.tolist() if n], start)

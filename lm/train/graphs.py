@@ -41,10 +41,10 @@ CAPTURE: bool | None = None
 Step = Callable[[torch.Tensor, torch.Tensor, list], tuple[torch.Tensor, list]]
 
 
-def likely_lengths(bptt: int, variable: bool, count: int) -> list[int]:
+def likely_lengths(bptt: int, variable: bool, count: int, longest: int | None = None) -> list[int]:
     """The window lengths to capture: ``[bptt]``, or with ``variable`` the ``count`` most likely of
     :func:`lm.data.batching.sample_window_length` (``bptt`` w.p. 0.95 else ``bptt/2``, then
-    ``max(5, int(N(base, 5)))``), most likely first."""
+    ``max(5, int(N(base, 5)))``, at most ``longest``, which takes the tail's mass), most likely first."""
     if not variable:
         return [bptt]
 
@@ -56,11 +56,13 @@ def likely_lengths(bptt: int, variable: bool, count: int) -> list[int]:
         for base, w in ((bptt, 0.95), (bptt / 2, 0.05)):
             if length == 5:  # everything below 6 (int() truncates towards zero) is clamped to 5
                 total += w * cdf(6, base)
+            elif length == longest:  # everything from longest on is cut to it
+                total += w * (1 - cdf(length, base))
             else:
                 total += w * (cdf(length + 1, base) - cdf(length, base))
         return total
 
-    candidates = range(5, int(bptt + 40))
+    candidates = range(5, int(bptt + 40) if longest is None else longest + 1)
     return sorted(candidates, key=lambda n: (-p(n), n))[:count]
 
 
@@ -177,7 +179,7 @@ def for_run(cfg, device: torch.device, act_reg: bool, world: int, step: Step, pa
     t = cfg.train
     reason = "train.cuda_graphs is false" if not t.cuda_graphs else why_not(
         device, t.precision, act_reg, cfg.regularizer.name, world, CAPTURE)
-    return WindowGraphs(step, params, likely_lengths(t.bptt, t.variable_bptt, t.cuda_graph_lengths), reason,
+    return WindowGraphs(step, params, likely_lengths(t.bptt, t.variable_bptt, t.cuda_graph_lengths, t.variable_bptt_max), reason,
                         capture=CAPTURE is not False)
 
 

@@ -12,7 +12,7 @@ Keys fall in three groups (docs/training.md, "Changing settings on resume"):
   one; logged in the ``event`` of the next metrics.jsonl row), ``optim.weight_decay`` and
   ``optim.nonmono`` replace the saved optimizer's and criterion's values;
 * everything else (stopping: ``train.max_epochs``, ``max_steps``, ``patience``,
-  ``eval_every_steps``; ``train.bptt``, ``variable_bptt``; ``optim.clip``, ``decay_factor``,
+  ``eval_every_steps``; ``train.bptt``, ``variable_bptt``, ``variable_bptt_max``; ``optim.clip``, ``decay_factor``,
   ``reset_log_on_decay``; regularizer rates; ``eval.bptt``; runtime keys) is read live and applies.
 * ``eval.max_tokens`` and ``eval.batch_size`` decide which tokens a validation scores: once the
   run has a best validation they are fixed too (:func:`check_scoring`), since a later score on

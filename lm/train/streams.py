@@ -34,14 +34,15 @@ def set_rng_state(state: RNG, device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
-def epoch_lengths(rows: int, bptt: int, seed: int, epoch: int) -> list[int]:
+def epoch_lengths(rows: int, bptt: int, seed: int, epoch: int, longest: int | None = None) -> list[int]:
     """The variable BPTT window lengths of one epoch over ``rows`` rows (AWD's law,
     :func:`lm.data.batching.sample_window_length`), from a generator keyed on ``(seed, epoch)``:
-    the same in every process and after a resume, with no state to save. The last is cut to fit."""
+    the same in every process and after a resume, with no state to save. The last is cut to fit;
+    ``longest`` (``train.variable_bptt_max``) cuts the longer draws."""
     g = keyed_generator("bptt", seed, epoch)
     lengths, i = [], 0
     while i < rows - 1:
-        n = min(sample_window_length(bptt, g), rows - 1 - i)
+        n = min(sample_window_length(bptt, g, longest), rows - 1 - i)
         lengths.append(n)
         i += n
     return lengths

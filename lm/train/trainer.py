@@ -268,7 +268,8 @@ class Trainer:
             bar = tqdm(total=report.bar_span(windows, done, self.step, t.max_steps), initial=done,
                        desc=report.bar_label(self.epoch, t.max_epochs, self.step, t.max_steps, windows, done),
                        disable=None if t.progress and self.dist.is_main else True, leave=False, dynamic_ncols=True)
-            for row, x, y in self.dist.windows(self.train_data, t.bptt, self.pos, t.variable_bptt, t.seed, self.epoch):
+            for row, x, y in self.dist.windows(self.train_data, t.bptt, self.pos, t.variable_bptt, t.seed, self.epoch,
+                                                   t.variable_bptt_max):
                 start = time.perf_counter()
                 self.phase = "step"
                 loss = self.train_step(x, y)
