@@ -52,6 +52,7 @@ def child(config: str, windows: int, variable: bool, overrides: Sequence[str], t
     """Train ``windows`` windows in this process; its memory figures."""
     from lm.config import load_config
     from lm.nn import lstm_fused
+    from lm.train import malloc
     from lm.train.trainer import Trainer
 
     cfg = load_config(config, [*overrides, f"train.variable_bptt={str(variable).lower()}",
@@ -76,7 +77,7 @@ def child(config: str, windows: int, variable: bool, overrides: Sequence[str], t
         trainer.threads.stop()
     return {"variable_bptt": variable, "windows": windows, "distinct_lengths": len(set(lengths)),
             "longest": max(lengths), "peak_rss_bytes": peak, "rss_after_bytes": now, "rss_built_bytes": built,
-            "pool_bytes": lstm_fused.POOL.bytes()}
+            "pool_bytes": lstm_fused.POOL.bytes(), "malloc": malloc.tune()}  # the trainer's setting
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -124,6 +124,11 @@ def kernel_line(device: str) -> str:
     return f"  steps       {cext.status('lstm_step').describe()}"
 
 
+def memory_line(text: str) -> str:
+    """What glibc's malloc does with large blocks in a CPU training (lm/train/malloc.py)."""
+    return f"  memory      {text}"
+
+
 def noise_line(generator: str) -> str:
     """Which generator draws the training noise (``philox`` or ``torch``, and why not Philox)."""
     return f"  noise       {generator}"

@@ -35,7 +35,7 @@ from lm.nn import hardware
 from lm.nn.device import resolve_device
 from lm.nn.model import LanguageModel, count_parameters, detach_state
 from lm.nn.rng import shared_noise
-from lm.train import failure, graphs, report, results, snapshot
+from lm.train import failure, graphs, malloc, report, results, snapshot
 from lm.train.report import log
 from lm.train.activation_reg import ActivationRegularizer
 from lm.nn.precision import Precision
@@ -92,6 +92,8 @@ class Trainer:
         say(report.model_line(count_parameters(self.model)))
         say(report.kernel_line(str(self.device)))
         say(report.noise_line(self.noise))
+        if self.device.type == "cpu":  # window-long blocks back to the system when freed (lm/train/malloc.py)
+            say(report.memory_line(malloc.tune()))
         self.opt = Optimization(cfg, self.model)
         self.act_reg = ActivationRegularizer(cfg.regularizer.ar, cfg.regularizer.tar)  # AR/TAR (Merity 2017)
         self.windows = graphs.for_run(cfg, self.device, self.act_reg.active, self.dist.world, self.forward_backward,
