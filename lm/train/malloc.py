@@ -5,8 +5,8 @@ its heap, and raises that threshold (up to 32 MiB) each time a larger mmapped bl
 after the first window every window-long tensor of a model like AWD's (9 to 31 MiB at a window of
 70) lives in the heap. With variable BPTT those tensors change size from window to window; the
 heap then holds free blocks of every size between them, resident and unused, and the process's
-peak resident set creeps up over a run (``bench/memory.py``: about 200 MiB over 200 windows of
-``word_awd_wd_flipout.yaml``, on top of what the longest window needs).
+peak resident set creeps up over a run (``bench/memory.py`` on ``word_awd_wd_flipout.yaml``: 145
+MiB between the 7th and the 180th window, at lengths below the longest, docs/shared_machines.md).
 
 A fixed threshold (``mallopt(M_MMAP_THRESHOLD)``, which also stops glibc from raising it) sends
 every block of that size and more to ``mmap``, which hands it back to the system when freed, so
