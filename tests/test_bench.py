@@ -360,33 +360,6 @@ def test_peers_tiny(tmp_path, capsys):
     assert peers.main(["--tiny", "--only", "nope"]) == 2
 
 
-def test_memory_bench_compares_variable_and_fixed_bptt(ptb_dir, tmp_path, capsys):
-    """bench/memory.py trains a few windows of a tiny AWD config with variable and with fixed BPTT,
-    each in its own process, and records both peaks and their ratio."""
-    module = _load("memory")
-    out = tmp_path / "m.json"
-    tiny = ["model.hidden_size=16", "model.emb_size=8", "train.batch_size=4", "data.train_tokens=5000",
-            "train.bptt=20"]
-    assert module.main(["--config", "word_awd_wd_flipout.yaml", "--windows", "6", "--threads", "1", "--concurrent",
-                        "--json", str(out), *[a for s in tiny for a in ("--set", s)]]) == 0
-    rec = json.loads(out.read_text())
-    fixed, variable = rec["rows"]["fixed"], rec["rows"]["variable"]
-    assert fixed["distinct_lengths"] == 1 and fixed["longest"] == 20 and variable["distinct_lengths"] > 1
-    assert all(r["peak_rss_bytes"] >= r["rss_built_bytes"] > 0 and r["windows"] == 6 for r in (fixed, variable))
-    assert rec["peak_ratio"] == variable["peak_rss_bytes"] / fixed["peak_rss_bytes"]
-    assert "variable / fixed peak RSS" in capsys.readouterr().out
-
-
-def test_malloc_ab_times_both_thresholds(ptb_dir, capsys):
-    """bench/malloc_ab.py alternates glibc's mmap threshold in one training and prints both medians."""
-    module = _load("malloc_ab")
-    tiny = ["model.hidden_size=16", "model.emb_size=8", "train.batch_size=4", "data.train_tokens=5000", "train.bptt=20"]
-    assert module.main(["--config", "word_awd_wd_flipout.yaml", "--rounds", "2", "--per", "1", "--threads", "1",
-                        *[a for s in tiny for a in ("--set", s)]]) == 0
-    out = capsys.readouterr().out
-    assert "median s/window: 4 MiB" in out and "ratio 32 MiB / 4 MiB time" in out and "at bptt 20" in out
-
-
 def test_precision_ab_prints_a_ratio_per_regularizer(tmp_path, capsys):
     """bench/precision_ab.py alternates fp32 and bf16 steps of one model and records the ratio, the
     plan (what ran in which dtype) and the machine class of each regularizer."""

@@ -18,7 +18,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "FLIPOUT_LM_MARCH": "x86-64-v3"}
-EMULATED_TESTS = ["tests/test_precision.py", "tests/test_bench.py", "tests/test_gpu_check.py"]
+EMULATED_TESTS = ["tests/test_precision.py", "tests/test_bench.py", "tests/test_bench_training.py",
+                  "tests/test_gpu_check.py"]
 
 pytestmark = pytest.mark.skipif(platform.machine().lower() not in ("x86_64", "amd64"),
                                 reason="the AVX2 emulation is for x86-64 CPUs")

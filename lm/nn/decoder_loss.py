@@ -41,7 +41,7 @@ class _DecoderCrossEntropy(torch.autograd.Function):
             if grad:  # softmax - onehot, the mean loss's gradient times N, in place of the logits
                 z.sub_(lse[:, None]).exp_()
                 z.scatter_add_(1, t[:, None], z.new_full((t.numel(), 1), -1.0))
-                if z.data_ptr() != z_rows.data_ptr():
+                if z is not z_rows:  # float32 logits were turned in place already
                     z_rows.copy_(z)
         ctx.dtype_h, ctx.dtype_w = h.dtype, weight.dtype
         ctx.has_bias = bias is not None

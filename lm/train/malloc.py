@@ -22,6 +22,7 @@ behaviour. Other C libraries are left alone. Applied once per process, by CPU tr
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import platform
 import sys
@@ -31,7 +32,6 @@ from lm.errors import UserError
 ENV = "FLIPOUT_LM_MMAP_THRESHOLD_MB"
 DEFAULT_MIB = 4
 M_MMAP_THRESHOLD = -3  # glibc's malloc.h
-_STATE: list[str] = []  # what tune() did, once per process
 
 
 def threshold_mib(environ=os.environ) -> int:
@@ -43,10 +43,9 @@ def threshold_mib(environ=os.environ) -> int:
     return int(raw)
 
 
+@functools.cache  # once per process: later calls say what the first did
 def tune() -> str:
     """Set the threshold (first call of the process) and say what holds, for the start-up summary."""
-    if _STATE:
-        return _STATE[0]
     mib = threshold_mib()
     if mib == 0:
         text = f"glibc's own malloc thresholds ({ENV}=0)"
@@ -56,5 +55,4 @@ def tune() -> str:
         text = f"blocks of {mib} MiB and more mmapped, returned to the system when freed ({ENV}=0: glibc's own)"
     else:
         text = f"glibc refused an mmap threshold of {mib} MiB: its own thresholds"
-    _STATE.append(text)
     return text
