@@ -52,7 +52,7 @@ expf/tanhf (libmvec), which the C files declare with ``omp declare simd``."""
 SYMBOLS = {
     "philox": ("philox_uniform", "philox_normal", "philox_two_valued", "philox_kat"),
     "lstm_step": ("lstm_step_abi", "lstm_left", "lstm_forward_step", "lstm_backward_gates",
-                  "lstm_backward_hidden", "transpose_2d"),
+                  "lstm_backward_hidden", "transpose_2d", "transpose_to_bf16"),
 }
 """The functions each library must export; a library without one is not used."""
 

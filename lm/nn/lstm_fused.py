@@ -23,8 +23,12 @@ Under bf16 the products read bf16 operands, which the C step writes directly: th
 rounds them to at its matmuls) and a bf16 copy of the window's gate gradients ``(T, B, 4H)``,
 which :mod:`lm.nn.lstm_kernel` uses for ``dW_hh``, ``dW_ih`` and ``dx`` instead of casting
 ``fac``; the float32 gate gradients are then not written back at all unless an input
-projection that came in float32 needs them. State, gates and saved factors stay float32, as in
-the torch step.
+projection that came in float32 needs them. In that usual case (the window projected its input,
+or the projection came in bf16) the saved factors ``fac`` and ``aux`` are kept in bf16 too: the C
+step computes them in float32, rounds them once as it stores them and reads them back exactly, so
+the window's largest buffers and the forward's writes are halved; the state, the gates, the cell
+update, the carried gradients ``dh``, ``dc`` and every sum stay float32. With a float32
+projection from outside, whose gradient is the float32 gate gradients, ``fac`` stays float32.
 
 Where: CPU, float32 weights, the ``packed`` matmul backend (:mod:`lm.nn.lstm_matmul`) in float32
 or bfloat16, and the C library built (:mod:`lm.nn.cext`). Anything else -- CUDA, float64, fp16,
@@ -49,6 +53,10 @@ from lm.nn.pool import POOL, clear_pool  # noqa: F401  (the pool this module fil
 FUSED: bool | None = None
 """None (default): the C step wherever it applies; False: always the torch loop."""
 
+LOW_FACTORS: bool = True
+"""Under bf16, store the saved factors in bf16 where backward needs no float32 gate gradients
+(default); False: always float32 (``bench/flag_ab.py`` times the two)."""
+
 F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_BIAS = range(15)  # csrc
 B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DOUT, B_DH, B_DC, B_SIGNED, B_DGLOW, B_DB = range(13)
 Z_NONE, Z_MASK, Z_SCALAR = 0, 1, 2
@@ -61,7 +69,7 @@ class _Slot(ctypes.Structure):
 class _Plan(ctypes.Structure):
     _fields_ = [("batch", c_int64), ("hid", c_int64), ("threads", c_int32), ("low", c_int32), ("save", c_int32),
                 ("zc_mode", c_int32), ("zh_mode", c_int32), ("xlow", c_int32), ("nokeep", c_int32),
-                ("pad", c_int32), ("zc", c_float), ("zh", c_float),
+                ("flow", c_int32), ("zc", c_float), ("zh", c_float),
                 ("s", _Slot * 16)]
 
 
@@ -79,8 +87,9 @@ def library() -> ctypes.CDLL | None:
     lib.lstm_backward_gates.argtypes = [plan, c_int64]
     lib.lstm_backward_hidden.argtypes = [plan, c_int64, c_void_p, c_void_p]
     lib.transpose_2d.argtypes = [c_void_p, c_void_p, c_int64, c_int64, c_int, c_int]
+    lib.transpose_to_bf16.argtypes = [c_void_p, c_void_p, c_int64, c_int64, c_int]
     for f in (lib.lstm_left, lib.lstm_forward_step, lib.lstm_backward_gates, lib.lstm_backward_hidden,
-              lib.transpose_2d):
+              lib.transpose_2d, lib.transpose_to_bf16):
         f.restype = None
     lib._flipout_ready = True
     return lib
@@ -121,13 +130,21 @@ class _Builder:
         self.plan.s[index] = _Slot(t.data_ptr(), row, step)
 
 
-def transposed(m: torch.Tensor) -> torch.Tensor:
+def transposed(m: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``mᵀ`` as a contiguous copy (float32 or bfloat16 ``(R, C)`` -> ``(C, R)``) by the C tiled
-    transpose: the backward products' weights, once per window (torch's strided copy is ~4x slower)."""
+    transpose: the backward products' weights, once per window (torch's strided copy is ~4x slower).
+    With ``dtype`` bfloat16 a float32 ``m`` is rounded as it is transposed (``m.to(dtype).t()``
+    bit for bit, one pass instead of a cast and a transpose)."""
     m = m.contiguous()
+    threads = torch.get_num_threads()
+    if dtype is not None and dtype != m.dtype:
+        if not (m.dtype == torch.float32 and dtype == torch.bfloat16):
+            return transposed(m.to(dtype))
+        out = m.new_empty(m.shape[1], m.shape[0], dtype=dtype)
+        library().transpose_to_bf16(m.data_ptr(), out.data_ptr(), m.shape[0], m.shape[1], threads)
+        return out
     out = m.new_empty(m.shape[1], m.shape[0])
-    library().transpose_2d(m.data_ptr(), out.data_ptr(), m.shape[0], m.shape[1], m.element_size(),
-                           torch.get_num_threads())
+    library().transpose_2d(m.data_ptr(), out.data_ptr(), m.shape[0], m.shape[1], m.element_size(), threads)
     return out
 
 
@@ -156,9 +173,12 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     hall, call = new(steps + 1, batch, hid), POOL.take(w, steps + 1, batch, hid)
     hall[0], call[0] = h0, c0
     fac = aux = left_all = None
+    # under bf16 the saved factors are bf16 whenever backward hands its gate gradients on in bf16
+    # only (xproj came in bf16, or the window projected it): no float32 copy of them is read then
+    fdt = low if LOW_FACTORS and low is not None and (xlow or bias is not None) else torch.float32
     if save:
-        fac = POOL.take(w, steps, batch, h4) if xlow or bias is not None else new(steps, batch, h4)
-        aux = POOL.take(w, steps, batch, 2 * hid)
+        fac = POOL.take(w, steps, batch, h4, dtype=fdt) if xlow or bias is not None else new(steps, batch, h4)
+        aux = POOL.take(w, steps, batch, 2 * hid, dtype=fdt)
     flip = delta is not None
     ldt = low or torch.float32  # the left operands are kept in the matmuls' dtype
     if flip:
@@ -168,12 +188,14 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     left0 = None if left_all is None else left_all[0] if flip else left_all
     left1 = left_all[1] if flip else None
     slot = _Builder(batch, hid, low, save, zc, zh)
-    slot.plan.xlow = int(xlow)
+    slot.plan.xlow, slot.plan.flow = int(xlow), int(fdt != torch.float32)
     slot(F_X, xproj, xproj.dtype)
     slot(F_BIAS, bias)
     for index, t in ((F_R, r), (F_C, call), (F_H, hall), (F_CELL, cell), (F_ZC, zc), (F_ZH, zh),
-                     (F_FAC, fac), (F_AUX, aux), (F_MASK, mask), (F_S, s)):
+                     (F_MASK, mask), (F_S, s)):
         slot(index, t)
+    slot(F_FAC, fac, fdt, out=True)
+    slot(F_AUX, aux, fdt, out=True)
     for index, t in ((F_LEFT0, left0), (F_LEFT1, left1)):  # one reused buffer when nothing is saved
         slot(index, t if t is None or save else t[0], ldt, out=True)
     h_low = new(batch, hid, dtype=low) if low is not None and left0 is None else None  # h in bf16
@@ -202,7 +224,7 @@ def products(w: torch.Tensor, delta: torch.Tensor | None, low: torch.dtype | Non
     ``x ↦ x W`` (the weights transposed by :func:`transposed`)."""
     ldt = low or torch.float32
     weights = (w,) if delta is None else (w, delta)
-    return [Packed(transposed(m.to(ldt)) if backward else m.to(ldt), batch) for m in weights]
+    return [Packed(transposed(m, ldt) if backward else m.to(ldt), batch) for m in weights]
 
 
 def project(x: torch.Tensor, w_ih: torch.Tensor, low: torch.dtype | None, pooled: bool = True):
@@ -238,14 +260,20 @@ def window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low
     steps, batch, h4 = fac.shape
     hid = h4 // 4
     d_out = d_out.to(torch.float32).contiguous()
-    dh2, dc2 = fac.new_empty(2, batch, hid), fac.new_empty(2, batch, hid)
+    f32 = torch.float32  # fac may be bf16 (bf16 saved factors): the carried gradients are float32
+    dh2, dc2 = fac.new_empty(2, batch, hid, dtype=f32), fac.new_empty(2, batch, hid, dtype=f32)
     torch.add(d_out[steps - 1], d_h, out=dh2[steps & 1])
     dc2[steps & 1] = d_c
     flip = delta is not None
     ldt = low or torch.float32
     slot = _Builder(batch, hid, low, True, zc, zh)
     slot.plan.nokeep = int(not keep and low is not None)
-    for index, t in ((B_FAC, fac), (B_AUX, aux), (B_ZC, zc), (B_ZH, zh), (B_R, r), (B_S, s), (B_MASK, mask),
+    slot.plan.flow = int(fac.dtype != torch.float32)
+    if slot.plan.flow and not slot.plan.nokeep:  # bf16 factors cannot hold float32 gate gradients
+        raise ValueError("window_backward: the saved factors are bf16, so keep must be False")
+    slot(B_FAC, fac, fac.dtype)
+    slot(B_AUX, aux, aux.dtype)
+    for index, t in ((B_ZC, zc), (B_ZH, zh), (B_R, r), (B_S, s), (B_MASK, mask),
                      (B_DOUT, d_out), (B_DH, dh2), (B_DC, dc2)):
         slot(index, t)
     sg = None
@@ -253,7 +281,7 @@ def window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low
         sg = POOL.take(fac, steps, batch, h4, dtype=ldt) if signed else fac.new_empty(batch, h4, dtype=ldt)
     dglow = None if low is None else fac.new_empty(steps, batch, h4, dtype=low) if fresh_low else \
         POOL.take(fac, steps, batch, h4, dtype=low)
-    db = fac.new_zeros(slot.plan.threads, h4) if bias else None
+    db = fac.new_zeros(slot.plan.threads, h4, dtype=f32) if bias else None
     slot(B_SIGNED, sg, ldt, out=True)
     slot(B_DGLOW, dglow, ldt, out=True)
     slot(B_DB, db, out=True)

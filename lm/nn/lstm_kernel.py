@@ -27,8 +27,9 @@ kernel switches autocast off for itself and runs only the matmuls in the low dty
 per-step products (:mod:`lm.nn.lstm_matmul`) and the window's two weight-gradient products --
 with float32 accumulation. The input projection arrives in the low dtype (the fused step reads
 it so, the torch step takes it to float32) and its gradient goes back in it; the state, the
-gates, the cell update, the saved backward factors and the whole element-wise backward stay
-float32, as do the outputs and the gradients handed back.
+gates, the cell update and the whole element-wise backward stay float32, as do the outputs and
+the gradients handed back. The saved backward factors are float32 on the torch step and bf16 on
+the fused C step (stored rounded, computed and read back in float32; :mod:`lm.nn.lstm_fused`).
 """
 
 from __future__ import annotations

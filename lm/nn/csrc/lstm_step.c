@@ -11,6 +11,9 @@
  * p1), the left operands made for the next matmul (LEFT, LOW) and the gate gradients copied for
  * the products (SIGNED, DGLOW) are float32 or, with `low`, bfloat16; the input projection X is
  * float32 or, with `xlow`, bfloat16 as autocast's matmul hands it over (read without a cast pass).
+ * With `flow` the saved backward factors (FAC, AUX) are bfloat16: written rounded, read back
+ * exactly into float32, so only their storage is narrow; every sum, the state and the carried
+ * gradients stay float32. Backward then never writes FAC (`nokeep` is required).
  *
  * Compiled with -O3 -march=native (or $FLIPOUT_LM_MARCH) -fno-math-errno -fopenmp (lm/nn/cext.py;
  * without -fopenmp where the compiler rejects it: then one thread, the same results). The two declarations
@@ -46,7 +49,8 @@ enum { Z_NONE = 0, Z_MASK = 1, Z_SCALAR = 2 };
 typedef struct {
     int64_t batch, hid;
     int32_t threads, low, save, zc_mode, zh_mode, xlow;  /* xlow: X is bfloat16 */
-    int32_t nokeep, pad;  /* nokeep: backward leaves FAC as it is (the gradients go elsewhere) */
+    int32_t nokeep, flow;  /* nokeep: backward leaves FAC as it is (the gradients go elsewhere);
+                            * flow: FAC and AUX are bfloat16 */
     float zc, zh;     /* zoneout expectations (Z_SCALAR) */
     Slot s[16];
 } Plan;
@@ -95,6 +99,7 @@ static inline void add_from(float *restrict acc, const void *src, int64_t off, c
 }
 
 static inline void to_low(uint16_t *restrict out, const float *restrict src, int64_t m) { LOOP out[k] = f32_to_bf16(src[k]); }
+static inline void from_low(float *restrict out, const uint16_t *restrict src, int64_t m) { LOOP out[k] = bf16_to_f32(src[k]); }
 
 /* row b of step t of a bfloat16 slot (2-byte elements) */
 #define AT16(p, sl, t, b) ((uint16_t *)(p)->s[sl].base + (t) * (p)->s[sl].step + (b) * (p)->s[sl].row)
@@ -149,8 +154,11 @@ static void fwd_row(const Plan *p, int64_t t, int64_t b, const void *p0, const v
     const float *zcm = p->zc_mode == Z_MASK ? AT(p, F_ZC, t, b) : 0;
     const float *zhm = p->zh_mode == Z_MASK ? AT(p, F_ZH, t, b) : 0;
     float *cn = AT(p, F_C, t + 1, b), *hn = AT(p, F_H, t + 1, b);
-    float *fac = p->save ? AT(p, F_FAC, t, b) : 0, *aux = p->save ? AT(p, F_AUX, t, b) : 0;
-    float a[4][K], ones[K], zcs[K], zhs[K];
+    float *fac = 0, *aux = 0;
+    uint16_t *fac16 = 0, *aux16 = 0;
+    if (p->save && p->flow) { fac16 = AT16(p, F_FAC, t, b); aux16 = AT16(p, F_AUX, t, b); }
+    else if (p->save) { fac = AT(p, F_FAC, t, b); aux = AT(p, F_AUX, t, b); }
+    float a[4][K], ones[K], zcs[K], zhs[K], sv[6][K];
     fill(ones, 1.0f);
     fill(zcs, p->zc_mode == Z_SCALAR ? p->zc : 0.0f);
     fill(zhs, p->zh_mode == Z_SCALAR ? p->zh : 0.0f);
@@ -169,9 +177,10 @@ static void fwd_row(const Plan *p, int64_t t, int64_t b, const void *p0, const v
         const float *dm = d ? d + k0 : ones, *zc = zcm ? zcm + k0 : zcs, *zh = zhm ? zhm + k0 : zhs;
         const float *cp = c + k0, *hp = h + k0;
         float *cnk = cn + k0, *hnk = hn + k0;
-        if (fac) {
-            float *fi = fac + k0, *ff = fac + n + k0, *fg = fac + 2 * n + k0, *fo = fac + 3 * n + k0;
-            float *bc = aux + k0, *ft = aux + n + k0;
+        if (fac || fac16) {  /* bfloat16 factors go through L1 and are rounded once below */
+            float *fi = fac16 ? sv[0] : fac + k0, *ff = fac16 ? sv[1] : fac + n + k0;
+            float *fg = fac16 ? sv[2] : fac + 2 * n + k0, *fo = fac16 ? sv[3] : fac + 3 * n + k0;
+            float *bc = fac16 ? sv[4] : aux + k0, *ft = fac16 ? sv[5] : aux + n + k0;
             LOOP {
                 const float u = gi[k] * gg[k] * dm[k], v = gf[k] * cp[k], cc = u + v, tc = tanhf(cc);
                 const float hh = go[k] * tc, keep = 1.0f - zh[k];
@@ -183,6 +192,11 @@ static void fwd_row(const Plan *p, int64_t t, int64_t b, const void *p0, const v
                 fo[k] = (hh - hh * go[k]) * keep;                  /* σ'(o) tanh(c̃) (1 - z^h) */
                 bc[k] = (go[k] - hh * tc) * keep;                  /* σ(o) tanh'(c̃) (1 - z^h) */
                 ft[k] = gf[k];
+            }
+            if (fac16) {
+                for (int j = 0; j < 4; j++) to_low(fac16 + j * n + k0, sv[j], m);
+                to_low(aux16 + k0, sv[4], m);
+                to_low(aux16 + n + k0, sv[5], m);
             }
         } else {
             LOOP {
@@ -212,8 +226,10 @@ void lstm_forward_step(const Plan *p, int64_t t, int64_t steps, const void *p0, 
  * OpenMP thread, which the caller adds up, so that no two threads write the same sums. */
 static void bwd_gates_row(const Plan *p, int64_t t, int64_t b, int tid) {
     const int64_t n = p->hid;
-    float *fac = AT(p, B_FAC, t, b);
-    const float *aux = AT(p, B_AUX, t, b), *ft = aux + n;
+    /* with flow the factors are bfloat16 (read into L1 as float32) and FAC is never written */
+    float *fac = p->flow ? 0 : AT(p, B_FAC, t, b);
+    const uint16_t *fac16 = p->flow ? AT16(p, B_FAC, t, b) : 0, *aux16 = p->flow ? AT16(p, B_AUX, t, b) : 0;
+    const float *aux = p->flow ? 0 : AT(p, B_AUX, t, b), *ft = p->flow ? 0 : aux + n;
     const float *dh = AT(p, B_DH, (t + 1) & 1, b), *dc = AT(p, B_DC, (t + 1) & 1, b);
     float *dcp = AT(p, B_DC, t & 1, b);
     const float *r = HAS(p, B_SIGNED) ? AT(p, B_R, t, b) : 0;
@@ -221,11 +237,14 @@ static void bwd_gates_row(const Plan *p, int64_t t, int64_t b, int tid) {
     uint16_t *dgl = HAS(p, B_DGLOW) ? AT16(p, B_DGLOW, t, b) : 0;
     float *db = HAS(p, B_DB) ? (float *)p->s[B_DB].base + tid * p->s[B_DB].row : 0;
     const float *zcm = p->zc_mode == Z_MASK ? AT(p, B_ZC, t, b) : 0;
-    float a[4][K], dcn[K], zcs[K];
+    float a[4][K], dcn[K], zcs[K], au16[K], ft16[K], f16[K];
     fill(zcs, p->zc_mode == Z_SCALAR ? p->zc : 0.0f);
     for (int64_t k0 = 0; k0 < n; k0 += K) {
         const int64_t m = MIN(K, n - k0);
-        const float *zc = zcm ? zcm + k0 : zcs, *au = aux + k0, *fk = ft + k0, *dhk = dh + k0, *dck = dc + k0;
+        const float *au = au16, *fk = ft16;
+        if (aux16) { from_low(au16, aux16 + k0, m); from_low(ft16, aux16 + n + k0, m); }
+        else { au = aux + k0; fk = ft + k0; }
+        const float *zc = zcm ? zcm + k0 : zcs, *dhk = dh + k0, *dck = dc + k0;
         float *dcpk = dcp + k0;
         LOOP {
             dcn[k] = dhk[k] * au[k] + dck[k] * (1.0f - zc[k]);
@@ -235,7 +254,8 @@ static void bwd_gates_row(const Plan *p, int64_t t, int64_t b, int tid) {
             const int64_t o = j * n + k0;
             const float *by = j == 3 ? dhk : dcn;  /* o: × dh_t; i, f, g: × dc̃_t */
             float *aj = p->nokeep ? a[j] : fac + o;  /* in place, or only in L1 */
-            const float *f = fac + o;
+            const float *f = f16;
+            if (fac16) from_low(f16, fac16 + o, m); else f = fac + o;
             LOOP aj[k] = f[k] * by[k];
             if (dgl) to_low(dgl + o, aj, m);
             if (db) { float *d = db + o; LOOP d[k] += aj[k]; }
@@ -308,6 +328,22 @@ void transpose_2d(const void *src, void *dst, int64_t rows, int64_t cols, int si
                 for (int64_t c = c0; c < c1; c++)
                     for (int64_t r = r0; r < r1; r++) d[c * rows + r] = s[r * cols + c];
             }
+        }
+    }
+}
+
+/* dst (cols x rows, bfloat16) = src (rows x cols, float32)ᵀ rounded to bfloat16, in the tiles of
+ * transpose_2d: the backward products' weights under bf16 in one pass, instead of a cast pass
+ * over the float32 weight and a transpose of its copy. The rounding is f32_to_bf16's (torch's). */
+void transpose_to_bf16(const float *src, uint16_t *dst, int64_t rows, int64_t cols, int threads) {
+    const int64_t tiles_r = (rows + TILE - 1) / TILE, tiles_c = (cols + TILE - 1) / TILE;
+    #pragma omp parallel for schedule(static) num_threads(threads) if(rows * cols >= 65536)
+    for (int64_t tr = 0; tr < tiles_r; tr++) {
+        const int64_t r0 = tr * TILE, r1 = MIN(rows, r0 + TILE);
+        for (int64_t tc = 0; tc < tiles_c; tc++) {
+            const int64_t c0 = tc * TILE, c1 = MIN(cols, c0 + TILE);
+            for (int64_t c = c0; c < c1; c++)
+                for (int64_t r = r0; r < r1; r++) dst[c * rows + r] = f32_to_bf16(src[r * cols + c]);
         }
     }
 }
