@@ -15,20 +15,15 @@ gradients), each a pass over ``(B, H)`` or ``(B, 4H)`` memory with its dispatch 
   bias gradient's running sum (when the window projected its input), and under bf16 their bf16
   copy; then the packed product(s), and one call forms
   ``dh_{t-1} = dh^{out}_{t-1} + m ∘ (p0 + p1 ∘ s) + dh_t ∘ z^h``. So backward has no pass over a
-  ``(T, B, 4H)`` buffer left besides the matmuls (before: ``fac.sum(0)`` for the bias and two
-  in-place sign flips of ``fac`` for ``dΔŴ``).
+  ``(T, B, 4H)`` buffer left besides the matmuls.
 
-Under bf16 the products read bf16 operands, which the C step writes directly: the left operands
-(kept for the window's weight gradients in bf16, ``(T, B, H)``: exactly the values the torch step
-rounds them to at its matmuls) and a bf16 copy of the window's gate gradients ``(T, B, 4H)``,
-which :mod:`lm.nn.lstm_kernel` uses for ``dW_hh``, ``dW_ih`` and ``dx`` instead of casting
-``fac``; the float32 gate gradients are then not written back at all unless an input
-projection that came in float32 needs them. In that usual case (the window projected its input,
-or the projection came in bf16) the saved factors ``fac`` and ``aux`` are kept in bf16 too: the C
-step computes them in float32, rounds them once as it stores them and reads them back exactly, so
-the window's largest buffers and the forward's writes are halved; the state, the gates, the cell
-update, the carried gradients ``dh``, ``dc`` and every sum stay float32. With a float32
-projection from outside, whose gradient is the float32 gate gradients, ``fac`` stays float32.
+Under bf16 the C step writes the products' bf16 operands directly: the left operands (kept for the
+window's weight gradients, ``(T, B, H)``: the values the torch step rounds them to) and a bf16 copy
+of the gate gradients ``(T, B, 4H)``, which :mod:`lm.nn.lstm_kernel` uses for ``dW_hh``, ``dW_ih``
+and ``dx``. Unless a float32 input projection from outside needs float32 gate gradients, the saved
+factors ``fac`` and ``aux`` are then bf16 too (computed in float32, rounded once as stored, read
+back exactly; :data:`LOW_FACTORS`), and backward writes no float32 gate gradients. The state, the
+gates, the cell update, the carried ``dh``, ``dc`` and every sum stay float32.
 
 Where: CPU, float32 weights, the ``packed`` matmul backend (:mod:`lm.nn.lstm_matmul`) in float32
 or bfloat16, and the C library built (:mod:`lm.nn.cext`). Anything else -- CUDA, float64, fp16,
@@ -131,20 +126,18 @@ class _Builder:
 
 
 def transposed(m: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``mᵀ`` as a contiguous copy (float32 or bfloat16 ``(R, C)`` -> ``(C, R)``) by the C tiled
-    transpose: the backward products' weights, once per window (torch's strided copy is ~4x slower).
-    With ``dtype`` bfloat16 a float32 ``m`` is rounded as it is transposed (``m.to(dtype).t()``
-    bit for bit, one pass instead of a cast and a transpose)."""
-    m = m.contiguous()
-    threads = torch.get_num_threads()
-    if dtype is not None and dtype != m.dtype:
-        if not (m.dtype == torch.float32 and dtype == torch.bfloat16):
-            return transposed(m.to(dtype))
-        out = m.new_empty(m.shape[1], m.shape[0], dtype=dtype)
-        library().transpose_to_bf16(m.data_ptr(), out.data_ptr(), m.shape[0], m.shape[1], threads)
-        return out
-    out = m.new_empty(m.shape[1], m.shape[0])
-    library().transpose_2d(m.data_ptr(), out.data_ptr(), m.shape[0], m.shape[1], m.element_size(), threads)
+    """``mᵀ`` as a contiguous copy (float32 or bfloat16 ``(R, C)`` -> ``(C, R)``, in ``dtype``, by
+    default ``m``'s) by the C tiled transpose: the backward products' weights, once per window
+    (torch's strided copy is ~4x slower). float32 -> bfloat16 rounds as it transposes, bit for bit
+    ``m.to(bfloat16).t()``, in one pass instead of a cast and a transpose."""
+    m, dtype = m.contiguous(), dtype or m.dtype
+    out, threads = m.new_empty(m.shape[1], m.shape[0], dtype=dtype), torch.get_num_threads()
+    if dtype == m.dtype:
+        library().transpose_2d(m.data_ptr(), out.data_ptr(), *m.shape, m.element_size(), threads)
+    elif (m.dtype, dtype) == (torch.float32, torch.bfloat16):
+        library().transpose_to_bf16(m.data_ptr(), out.data_ptr(), *m.shape, threads)
+    else:
+        return transposed(m.to(dtype))
     return out
 
 
@@ -161,9 +154,8 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     as it is. Its gradient is then the bfloat16 copy of the gate gradients that backward writes
     anyway (:func:`window_backward`), so ``fac`` never leaves the module and is pooled. The same
     holds when the window projected its input itself: its backward turns ``fac`` into ``dx``,
-    ``dW_ih`` and ``db``. Under bf16 the left operands are always kept (``h̃ = h`` without a mask):
-    the C step writes ``h`` in bf16 for the products anyway, and ``dW_hh`` then reads that copy
-    instead of casting ``hall``."""
+    ``dW_ih`` and ``db``. Under bf16 the left operands are always kept (``h̃ = h`` without a mask),
+    as the C step writes ``h`` in bf16 for the products anyway: ``dW_hh`` reads that copy."""
     lib = library()
     steps, batch, h4 = xproj.shape
     hid = h4 // 4
@@ -173,8 +165,7 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     hall, call = new(steps + 1, batch, hid), POOL.take(w, steps + 1, batch, hid)
     hall[0], call[0] = h0, c0
     fac = aux = left_all = None
-    # under bf16 the saved factors are bf16 whenever backward hands its gate gradients on in bf16
-    # only (xproj came in bf16, or the window projected it): no float32 copy of them is read then
+    # bf16 factors when backward hands its gate gradients on in bf16 only (xproj bf16, or projected)
     fdt = low if LOW_FACTORS and low is not None and (xlow or bias is not None) else torch.float32
     if save:
         fac = POOL.take(w, steps, batch, h4, dtype=fdt) if xlow or bias is not None else new(steps, batch, h4)
@@ -260,7 +251,7 @@ def window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low
     steps, batch, h4 = fac.shape
     hid = h4 // 4
     d_out = d_out.to(torch.float32).contiguous()
-    f32 = torch.float32  # fac may be bf16 (bf16 saved factors): the carried gradients are float32
+    f32 = torch.float32  # the carried gradients (fac may be bf16)
     dh2, dc2 = fac.new_empty(2, batch, hid, dtype=f32), fac.new_empty(2, batch, hid, dtype=f32)
     torch.add(d_out[steps - 1], d_h, out=dh2[steps & 1])
     dc2[steps & 1] = d_c

@@ -305,45 +305,43 @@ void lstm_backward_hidden(const Plan *p, int64_t t, const void *p0, const void *
 
 int lstm_step_abi(void) { return (int)sizeof(Plan); }
 
-/* dst (cols x rows) = src (rows x cols)ᵀ, both row-major, elements of `size` bytes (4: float32,
- * 2: bfloat16), in 32 x 32 tiles so that reads and writes both stay within cache lines: the
- * backward products' weights W_hhᵀ (and ΔŴᵀ), once per window. torch's strided copy_ of a
- * 4000 x 1000 float32 transpose takes about 10 ms on two cores; tiles take a fraction of that. */
+/* dst (cols x rows) = src (rows x cols)ᵀ, both row-major, in 32 x 32 tiles so that reads and
+ * writes both stay within cache lines: the backward products' weights W_hhᵀ (and ΔŴᵀ), once per
+ * window. torch's strided copy_ of a 4000 x 1000 float32 transpose takes about 10 ms on two cores;
+ * tiles take a fraction of that. `kind`: T_F32 and T_BF16 copy 4- or 2-byte elements; T_ROUND
+ * rounds float32 to bfloat16 as it goes (f32_to_bf16, torch's rounding), so that under bf16 the
+ * weight is cast and transposed in one pass instead of a cast pass and a transpose of its copy. */
 #define TILE 32
-void transpose_2d(const void *src, void *dst, int64_t rows, int64_t cols, int size, int threads) {
+enum { T_F32, T_BF16, T_ROUND };
+static void transpose_tiles(const void *src, void *dst, int64_t rows, int64_t cols, int kind, int threads) {
     const int64_t tiles_r = (rows + TILE - 1) / TILE, tiles_c = (cols + TILE - 1) / TILE;
     #pragma omp parallel for schedule(static) num_threads(threads) if(rows * cols >= 65536)
     for (int64_t tr = 0; tr < tiles_r; tr++) {
         const int64_t r0 = tr * TILE, r1 = MIN(rows, r0 + TILE);
         for (int64_t tc = 0; tc < tiles_c; tc++) {
             const int64_t c0 = tc * TILE, c1 = MIN(cols, c0 + TILE);
-            if (size == 4) {
-                const float *s = (const float *)src;
-                float *d = (float *)dst;
-                for (int64_t c = c0; c < c1; c++)
-                    for (int64_t r = r0; r < r1; r++) d[c * rows + r] = s[r * cols + c];
-            } else {
-                const uint16_t *s = (const uint16_t *)src;
-                uint16_t *d = (uint16_t *)dst;
-                for (int64_t c = c0; c < c1; c++)
-                    for (int64_t r = r0; r < r1; r++) d[c * rows + r] = s[r * cols + c];
+            for (int64_t c = c0; c < c1; c++) {
+                if (kind == T_F32) {
+                    const float *s = (const float *)src; float *d = (float *)dst + c * rows;
+                    for (int64_t r = r0; r < r1; r++) d[r] = s[r * cols + c];
+                } else if (kind == T_BF16) {
+                    const uint16_t *s = (const uint16_t *)src; uint16_t *d = (uint16_t *)dst + c * rows;
+                    for (int64_t r = r0; r < r1; r++) d[r] = s[r * cols + c];
+                } else {
+                    const float *s = (const float *)src; uint16_t *d = (uint16_t *)dst + c * rows;
+                    for (int64_t r = r0; r < r1; r++) d[r] = f32_to_bf16(s[r * cols + c]);
+                }
             }
         }
     }
 }
 
-/* dst (cols x rows, bfloat16) = src (rows x cols, float32)ᵀ rounded to bfloat16, in the tiles of
- * transpose_2d: the backward products' weights under bf16 in one pass, instead of a cast pass
- * over the float32 weight and a transpose of its copy. The rounding is f32_to_bf16's (torch's). */
+/* elements of `size` bytes (4: float32, 2: bfloat16), copied */
+void transpose_2d(const void *src, void *dst, int64_t rows, int64_t cols, int size, int threads) {
+    transpose_tiles(src, dst, rows, cols, size == 4 ? T_F32 : T_BF16, threads);
+}
+
+/* float32 in, bfloat16 out */
 void transpose_to_bf16(const float *src, uint16_t *dst, int64_t rows, int64_t cols, int threads) {
-    const int64_t tiles_r = (rows + TILE - 1) / TILE, tiles_c = (cols + TILE - 1) / TILE;
-    #pragma omp parallel for schedule(static) num_threads(threads) if(rows * cols >= 65536)
-    for (int64_t tr = 0; tr < tiles_r; tr++) {
-        const int64_t r0 = tr * TILE, r1 = MIN(rows, r0 + TILE);
-        for (int64_t tc = 0; tc < tiles_c; tc++) {
-            const int64_t c0 = tc * TILE, c1 = MIN(cols, c0 + TILE);
-            for (int64_t c = c0; c < c1; c++)
-                for (int64_t r = r0; r < r1; r++) dst[c * rows + r] = f32_to_bf16(src[r * cols + c]);
-        }
-    }
+    transpose_tiles(src, dst, rows, cols, T_ROUND, threads);
 }
