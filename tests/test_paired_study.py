@@ -147,3 +147,17 @@ def test_plan_arithmetic_and_report_from_known_runs(tmp_path):
     assert paired_study.write_section(study, out, tiny=False).startswith("WD+Flipout against WD (word level), 4 paired")
     section = extract(out.read_text())
     assert "Size: the study's" in section and "4 paired seeds" in section and "Not run yet" in section  # char pair
+
+
+def test_small_p_values_read_p_below_in_prose(tmp_path):
+    """Twelve pairs all lower by about 5%: the rank tests' p-values are below 0.001, and the prose says
+    'p < 0.001' (it used to print 'p = < 0.001')."""
+    study = tmp_path / "study"
+    for seed in range(1, 13):
+        _fake_run(study, "wd_flipout", seed, 400 * math.exp(-0.05 + 0.001 * seed), 300.0)
+        _fake_run(study, "weight_drop", seed, 400.0, 240.0)
+    out = tmp_path / "results.md"
+    paired_study.write_section(study, out, tiny=False)
+    section = extract(out.read_text())
+    assert "p = <" not in section
+    assert "over 12 non-zero pairs, p < 0.001 (exact)" in section and "higher on 0 seeds, p < 0.001" in section

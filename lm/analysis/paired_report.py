@@ -93,6 +93,11 @@ def _p(p: float) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
+def _p_is(p: float) -> str:
+    """'p = 0.094' or 'p < 0.001', for prose."""
+    return f"p {_p(p)}" if p < 0.001 else f"p = {_p(p)}"
+
+
 def _pct(log_diff: float) -> str:
     return f"{100 * math.expm1(log_diff):+.1f}%"
 
@@ -136,8 +141,8 @@ def pair_lines(pair: Pair, res: dict, plan: dict) -> list[str]:
                    f"[{t.low:+.4f}, {t.high:+.4f}] | {t.t:.2f} | {_p(t.p)} |")
     w, s = res["wilcoxon"], res["sign"]
     out += ["", f"Rank tests on the same differences: Wilcoxon signed-rank W+ = {w.w_plus:g} over {w.n} non-zero "
-            f"pairs, p = {_p(w.p)} ({'exact' if w.exact else 'normal approximation'}); sign test: {pair.flipout} "
-            f"lower on {s.negative}, higher on {s.positive} seeds, p = {_p(s.p)}. Paper (full size): "
+            f"pairs, {_p_is(w.p)} ({'exact' if w.exact else 'normal approximation'}); sign test: {pair.flipout} "
+            f"lower on {s.negative}, higher on {s.positive} seeds, {_p_is(s.p)}. Paper (full size): "
             f"{_f(pair.paper_flipout, m)} against {_f(pair.paper_shared, m)} test {name}.", "",
             f"**Conclusion.** {conclusion(pair, res)}", ""]
     return out
