@@ -165,10 +165,12 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     hall, call = new(steps + 1, batch, hid), POOL.take(w, steps + 1, batch, hid)
     hall[0], call[0] = h0, c0
     fac = aux = left_all = None
-    # bf16 factors when backward hands its gate gradients on in bf16 only (xproj bf16, or projected)
-    fdt = low if LOW_FACTORS and low is not None and (xlow or bias is not None) else torch.float32
+    # fac stays inside the module (pooled; bf16 factors under bf16) unless it leaves as the float32
+    # gradient of a float32 xproj from outside: xproj came in bf16, or the window projected it
+    inner = xlow or bias is not None
+    fdt = low if LOW_FACTORS and low is not None and inner else torch.float32
     if save:
-        fac = POOL.take(w, steps, batch, h4, dtype=fdt) if xlow or bias is not None else new(steps, batch, h4)
+        fac = POOL.take(w, steps, batch, h4, dtype=fdt) if inner else new(steps, batch, h4)
         aux = POOL.take(w, steps, batch, 2 * hid, dtype=fdt)
     flip = delta is not None
     ldt = low or torch.float32  # the left operands are kept in the matmuls' dtype
