@@ -11,7 +11,9 @@ Switches (module flags, each documented where it lives):
 
 * ``low_factors``: :data:`lm.nn.lstm_fused.LOW_FACTORS`, the bf16 saved factors of the C step
   (only bf16 windows change);
-* ``fused``: :data:`lm.nn.lstm_fused.FUSED`, the C step against the torch step.
+* ``fused``: :data:`lm.nn.lstm_fused.FUSED`, the C step against the torch step;
+* ``byte_masks``: :data:`lm.nn.noise.BYTE_MASKS`, the step masks (cell dropout, zoneout) as bytes
+  against float32 values (semeniuta and zoneout change).
 
     python bench/flag_ab.py --switch low_factors --sizes char --precision bf16 --rounds 7 --threads 2
     python bench/flag_ab.py --tiny                  # seconds (tests)
@@ -30,12 +32,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench._floor import timed, torch_threads, write_json  # noqa: E402
 from bench._models import SIZES, TINY, build_runners, kernel_of, regularizers  # noqa: E402
-from lm.nn import lstm_fused  # noqa: E402
+from lm.nn import lstm_fused, noise  # noqa: E402
 from lm.nn.precision import Precision  # noqa: E402
 
 SWITCHES = {  # name: (module, attribute, value when on, value when off)
     "low_factors": (lstm_fused, "LOW_FACTORS", True, False),
     "fused": (lstm_fused, "FUSED", None, False),
+    "byte_masks": (noise, "BYTE_MASKS", True, False),
 }
 WINDOW = "variational,semeniuta,zoneout,wd_flipout,gauss_flipout"
 

@@ -39,11 +39,11 @@ def test_malloc_ab_times_both_thresholds(ptb_dir, capsys):
     assert "median s/window: 4 MiB" in out and "ratio 32 MiB / 4 MiB time" in out and "at bptt 20" in out
 
 
-@pytest.mark.parametrize("switch", ["low_factors", "fused"])
+@pytest.mark.parametrize("switch", ["low_factors", "fused", "byte_masks"])
 def test_flag_ab_times_a_switch_on_and_off_and_restores_it(tmp_path, capsys, switch):
     """bench/flag_ab.py times the training step with a kernel switch on and off and leaves the
     switch as it found it."""
-    from lm.nn import lstm_fused
+    from lm.nn import lstm_fused, noise
 
     module = _load("flag_ab")
     out = tmp_path / "ab.json"
@@ -55,7 +55,7 @@ def test_flag_ab_times_a_switch_on_and_off_and_restores_it(tmp_path, capsys, swi
     for r in records:
         assert r["ms_on"] > 0 and r["ms_off"] > 0 and r["speedup_range"][0] <= r["speedup"] <= r["speedup_range"][1]
     assert "| char | bf16 | zoneout | window |" in capsys.readouterr().out
-    assert lstm_fused.LOW_FACTORS is True and lstm_fused.FUSED is None
+    assert lstm_fused.LOW_FACTORS is True and lstm_fused.FUSED is None and noise.BYTE_MASKS is True
     with pytest.raises(SystemExit) as bad:  # argparse's one-line error, exit code 2
         module.main(["--tiny", "--sizes", "huge"])
     assert bad.value.code == 2 and "unknown regularizer, size or precision" in capsys.readouterr().err

@@ -93,7 +93,7 @@ def test_fused_step_runs_where_it_applies(monkeypatch):
     """On a CPU with the library built, float32 and bf16 windows take the fused step; fp16, float64
     and FUSED = False do not."""
     calls, forward = [], lstm_fused.window_forward
-    monkeypatch.setattr(lstm_fused, "window_forward", lambda *a: calls.append(a) or forward(*a))
+    monkeypatch.setattr(lstm_fused, "window_forward", lambda *a, **k: calls.append(a) or forward(*a, **k))
     w = torch.randn(8, 2)
     assert lstm_fused.usable(w, None) and lstm_fused.usable(w, torch.bfloat16) == lstm_matmul.onednn_linear_available(torch.bfloat16)
     assert not lstm_fused.usable(w, torch.float16) and not lstm_fused.usable(w.double(), None)

@@ -50,7 +50,7 @@ BASE_FLAGS = ("-O3", "-fno-math-errno", "-shared", "-fPIC", "-std=gnu11")
 """No -ffast-math (IEEE results, NaN kept); -fno-math-errno is what lets gcc call glibc's vector
 expf/tanhf (libmvec), which the C files declare with ``omp declare simd``."""
 SYMBOLS = {
-    "philox": ("philox_uniform", "philox_normal", "philox_two_valued", "philox_kat"),
+    "philox": ("philox_uniform", "philox_normal", "philox_two_valued", "philox_bytes", "philox_kat"),
     "lstm_step": ("lstm_step_abi", "lstm_left", "lstm_forward_step", "lstm_backward_gates",
                   "lstm_backward_hidden", "transpose_2d", "transpose_to_bf16"),
 }

@@ -22,7 +22,7 @@ trainer checks at start-up that all processes agree (:mod:`lm.train.distributed`
 
 Distributions: :func:`uniform` gives float32 multiples of 2^-24 in [0, 1) (as ``torch.rand``);
 :func:`two_valued` compares such a uniform with ``p`` (so ``P(below) = p`` up to 2^-24, as
-``torch.rand(...) < p``); :func:`normal` is Box-Muller, its radius from a 32-bit uniform in
+``torch.rand(...) < p``), and :func:`bernoulli_bytes` stores that comparison as 0/1 bytes; :func:`normal` is Box-Muller, its radius from a 32-bit uniform in
 (0, 1], so ``|z| <= 6.66`` (a standard normal exceeds that with probability 3e-11).
 
 Where: float32 tensors on a CPU with the library built (:mod:`lm.nn.cext`); elsewhere (CUDA,
@@ -71,6 +71,7 @@ def library() -> ctypes.CDLL | None:
     for name in ("philox_uniform", "philox_normal"):
         getattr(lib, name).argtypes = [c_void_p, c_int64, c_uint64, c_int]
     lib.philox_two_valued.argtypes = [c_void_p, c_int64, c_uint64, c_int, c_float, c_float, c_float]
+    lib.philox_bytes.argtypes = [c_void_p, c_int64, c_uint64, c_int, c_float]
     lib._flipout_ready = True
     return lib
 
@@ -145,3 +146,19 @@ def two_valued(shape, like: torch.Tensor, p: float, below: float, above: float,
     out = torch.empty(shape, dtype=torch.float32, device=like.device)
     lib.philox_two_valued(out.data_ptr(), out.numel(), _seed(generator), torch.get_num_threads(), p, below, above)
     return out.to(like.dtype) if low else out
+
+
+def bernoulli_bytes(shape, like: torch.Tensor, p: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A ``torch.uint8`` mask of ``shape`` on ``like``'s device: 1 with probability ``p``, else 0.
+    The same draw as ``two_valued(shape, like, p, 1.0, 0.0, generator)`` (the same uniforms, the
+    same comparison) in a quarter of the memory; the window kernel's step masks (cell dropout,
+    zoneout) are kept so and scaled where they are read. ``like``'s dtype chooses the generator as
+    for :func:`two_valued`."""
+    lib = _fast(like, (torch.float32, torch.bfloat16, torch.float16))
+    if lib is None:
+        wide = torch.float64 if like.dtype == torch.float64 else torch.float32
+        u = torch.rand(shape, dtype=wide, device=like.device, generator=generator)
+        return (u < p).to(torch.uint8)
+    out = torch.empty(shape, dtype=torch.uint8, device=like.device)
+    lib.philox_bytes(out.data_ptr(), out.numel(), _seed(generator), torch.get_num_threads(), p)
+    return out

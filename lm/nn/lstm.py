@@ -61,6 +61,7 @@ def reference_loop(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor,
     """
     h, c = state
     w_hh_t = weight_hh.t()
+    draws = draws.dense(h.dtype)  # byte masks as values
     flip = draws.flip
     outputs = []
     for t, xt in enumerate(xproj.unbind(0)):

@@ -64,7 +64,7 @@ class _Slot(ctypes.Structure):
 class _Plan(ctypes.Structure):
     _fields_ = [("batch", c_int64), ("hid", c_int64), ("threads", c_int32), ("low", c_int32), ("save", c_int32),
                 ("zc_mode", c_int32), ("zh_mode", c_int32), ("xlow", c_int32), ("nokeep", c_int32),
-                ("flow", c_int32), ("zc", c_float), ("zh", c_float),
+                ("flow", c_int32), ("zc", c_float), ("zh", c_float), ("bytes", c_int32), ("cell_scale", c_float),
                 ("s", _Slot * 16)]
 
 
@@ -124,6 +124,15 @@ class _Builder:
         row, step = (0, 0) if t.dim() == 1 else (t.stride(0), 0) if t.dim() == 2 else (t.stride(1), t.stride(0))
         self.plan.s[index] = _Slot(t.data_ptr(), row, step)
 
+    def mask(self, index: int, t: torch.Tensor | float | None) -> None:
+        """Slot ``index`` := a step mask: ``uint8`` 0/1 bytes, read as they are (the C step converts
+        them in L1), or float32."""
+        if isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.device.type == "cpu":
+            self.plan.bytes |= 1 << index
+            self(index, t, torch.uint8)
+        else:
+            self(index, t)
+
 
 def transposed(m: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``mᵀ`` as a contiguous copy (float32 or bfloat16 ``(R, C)`` -> ``(C, R)``, in ``dtype``, by
@@ -145,10 +154,12 @@ def _ptr(x: torch.Tensor | None):
     return None if x is None else x.data_ptr()
 
 
-def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool, bias=None):
+def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool, bias=None,
+                   cell_scale: float = 1.0):
     """:func:`lm.nn.lstm_kernel._window_forward` on the fused step (same arguments and results);
     ``bias`` ``(4H,)`` is given when the window projected its input itself (:func:`project`), and
-    the C step adds it to ``xproj``.
+    the C step adds it to ``xproj``. The step masks ``cell``, ``zc``, ``zh`` may be ``uint8`` 0/1
+    bytes (:class:`lm.nn.noise.WindowDraws`), a kept unit of ``cell`` then weighing ``cell_scale``.
 
     ``xproj`` may be bfloat16 when ``low`` is (autocast's input projection): the C step reads it
     as it is. Its gradient is then the bfloat16 copy of the gate gradients that backward writes
@@ -181,12 +192,13 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
     left0 = None if left_all is None else left_all[0] if flip else left_all
     left1 = left_all[1] if flip else None
     slot = _Builder(batch, hid, low, save, zc, zh)
-    slot.plan.xlow, slot.plan.flow = int(xlow), int(fdt != torch.float32)
+    slot.plan.xlow, slot.plan.flow, slot.plan.cell_scale = int(xlow), int(fdt != torch.float32), cell_scale
     slot(F_X, xproj, xproj.dtype)
     slot(F_BIAS, bias)
-    for index, t in ((F_R, r), (F_C, call), (F_H, hall), (F_CELL, cell), (F_ZC, zc), (F_ZH, zh),
-                     (F_MASK, mask), (F_S, s)):
+    for index, t in ((F_R, r), (F_C, call), (F_H, hall), (F_MASK, mask), (F_S, s)):
         slot(index, t)
+    for index, t in ((F_CELL, cell), (F_ZC, zc), (F_ZH, zh)):
+        slot.mask(index, t)
     slot(F_FAC, fac, fdt, out=True)
     slot(F_AUX, aux, fdt, out=True)
     for index, t in ((F_LEFT0, left0), (F_LEFT1, left1)):  # one reused buffer when nothing is saved
@@ -266,9 +278,10 @@ def window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low
         raise ValueError("window_backward: the saved factors are bf16, so keep must be False")
     slot(B_FAC, fac, fac.dtype)
     slot(B_AUX, aux, aux.dtype)
-    for index, t in ((B_ZC, zc), (B_ZH, zh), (B_R, r), (B_S, s), (B_MASK, mask),
-                     (B_DOUT, d_out), (B_DH, dh2), (B_DC, dc2)):
+    for index, t in ((B_R, r), (B_S, s), (B_MASK, mask), (B_DOUT, d_out), (B_DH, dh2), (B_DC, dc2)):
         slot(index, t)
+    slot.mask(B_ZC, zc)
+    slot.mask(B_ZH, zh)
     sg = None
     if flip:
         sg = POOL.take(fac, steps, batch, h4, dtype=ldt) if signed else fac.new_empty(batch, h4, dtype=ldt)

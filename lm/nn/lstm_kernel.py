@@ -49,10 +49,13 @@ def _flip_parts(flip: Flip | None):
     return flip.delta, flip.sign_in, flip.sign_out
 
 
-def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool, bias=None):
+def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool, bias=None,
+                    cell_scale: float = 1.0):
     """The forward recurrence of one window (``delta``: ``ΔŴ`` ``(4H, H)`` with flipout, else None;
     ``low``: the dtype of the matmuls under mixed precision, else None; ``bias`` ``(4H,)``, added
-    to ``xproj`` when given: the window made ``xproj`` itself, see :func:`_run`).
+    to ``xproj`` when given: the window made ``xproj`` itself, see :func:`_run`). The step masks
+    ``cell``, ``zc``, ``zh`` may be ``uint8`` bytes (``cell`` times ``cell_scale``) on the fused C
+    step only; :func:`lstm_window` hands the other steps :meth:`WindowDraws.dense` values.
 
     Returns ``hall`` ``(T+1, B, H)`` (``h0``, then every ``h_t``), ``c_T``, and, when ``save``,
     what backward needs (else None): ``fac`` ``(T, B, 4H)``, the derivative factors of the four
@@ -70,8 +73,10 @@ def _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save
     :mod:`lm.nn.lstm_triton` in one Triton kernel; elsewhere :mod:`lm.nn.lstm_torchstep` as torch
     ops (:mod:`lm.nn.steps` chooses).
     """
-    run = steps.module(steps.choose(w, low)).window_forward
-    return run(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias)
+    kind = steps.choose(w, low)
+    run = steps.module(kind).window_forward
+    scaled = {"cell_scale": cell_scale} if kind == "c" else {}
+    return run(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias, **scaled)
 
 
 class _LSTMWindow(torch.autograd.Function):
@@ -90,9 +95,9 @@ class _LSTMWindow(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh, low):
+    def forward(ctx, xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, cell_scale):
         (hall, c, fac, aux, left, stacked), xl, wl = _run(xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh,
-                                                         low, save=True)
+                                                         low, save=True, cell_scale=cell_scale)
         ctx.low, ctx.x_dtype, ctx.proj = low, xin.dtype, w_ih is not None
         zc_t, zh_t = (z if isinstance(z, torch.Tensor) else None for z in (zc, zh))
         ctx.save_for_backward(hall, fac, aux, left, w, delta, stacked, s, r, mask, zc_t, zh_t, xl, wl)
@@ -165,7 +170,7 @@ class _LSTMWindow(torch.autograd.Function):
         if fused:
             lstm_fused.release(aux, left, dg_low, spent, signed)
         return (d_x, d_w_ih, d_b, dh if need[3] else None, dc if need[4] else None, d_w, d_delta,
-                None, None, None, None, None, None, None)
+                None, None, None, None, None, None, None, None)
 
 
 def _weight_grad(d_gates: torch.Tensor, left: torch.Tensor, low: torch.dtype | None) -> torch.Tensor:
@@ -189,9 +194,11 @@ def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor, draw
     the weights' float32 (see the module docstring); outputs and state come back in float32.
     When it is differentiated, the output is a view of the kernel's ``(T+1, B, H)`` buffer
     (``h_0`` first), so autograd refuses to modify it in place: use out-of-place ops on it."""
-    delta, s, r = _flip_parts(draws.flip)
     device = xproj.device.type
     low = window_dtype(device) if weight_hh.dtype == torch.float32 else None
+    if steps.choose(weight_hh, low) != "c":  # only the C step reads byte masks
+        draws = draws.dense(state[0].dtype)
+    delta, s, r = _flip_parts(draws.flip)
     if low is None and xproj.dtype != weight_hh.dtype and xproj.dtype == autocast_dtype(device):
         xproj = xproj.to(weight_hh.dtype)  # a float32 fallback (no oneDNN low matmul here) takes float32 input
     # under autocast the input projection arrives in `low` and stays so: the fused step reads it
@@ -202,22 +209,24 @@ def lstm_window(xproj: torch.Tensor, state: State, weight_hh: torch.Tensor, draw
             draws.cell_mask, draws.zoneout_c, draws.zoneout_h)
     with autocast_off(device):  # the kernel casts explicitly; autocast would break out=
         if torch.is_grad_enabled() and any(isinstance(a, torch.Tensor) and a.requires_grad for a in args):
-            out, h, c = _LSTMWindow.apply(*args, low)
+            out, h, c = _LSTMWindow.apply(*args, low, draws.cell_scale)
             return out, (h, c)
-        hall, c = _run(*args, low, save=False)[0][:2]
+        hall, c = _run(*args, low, save=False, cell_scale=draws.cell_scale)[0][:2]
     return hall[1:], (hall[-1], c)
 
 
-def _run(xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool):
+def _run(xin, w_ih, b, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save: bool, cell_scale: float = 1.0):
     """``(_window_forward(...), x', W_ih')``: the window on ``xin``, which is ``xproj``, or with
     ``w_ih`` the input ``x``, projected first (:func:`lm.nn.lstm_fused.project`; ``x'``, ``W_ih'``
     the operands its gradients need, else None). On the fused step the projection's buffer is
     pooled and handed back once the forward has read it: neither backward nor the caller needs it."""
     if w_ih is None:
-        return _window_forward(xin, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save), None, None
+        return _window_forward(xin, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save,
+                               cell_scale=cell_scale), None, None
     fused = steps.choose(w, low) == "c"
     xproj, xl, wl = lstm_fused.project(xin, w_ih, low, pooled=fused)
-    out = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias=b)
+    out = _window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save, bias=b,
+                          cell_scale=cell_scale)
     if fused:
         lstm_fused.release(xproj)
     return out, xl, wl

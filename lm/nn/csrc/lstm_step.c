@@ -11,6 +11,7 @@
  * p1), the left operands made for the next matmul (LEFT, LOW) and the gate gradients copied for
  * the products (SIGNED, DGLOW) are float32 or, with `low`, bfloat16; the input projection X is
  * float32 or, with `xlow`, bfloat16 as autocast's matmul hands it over (read without a cast pass).
+ * The step masks (cell, zoneout) are float32 or exact uint8 bytes (`bytes`, mask_at).
  * With `flow` the saved backward factors (FAC, AUX) are bfloat16: written rounded, read back
  * exactly into float32, so only their storage is narrow; every sum, the state and the carried
  * gradients stay float32. Backward then never writes FAC (`nokeep` is required).
@@ -52,6 +53,8 @@ typedef struct {
     int32_t nokeep, flow;  /* nokeep: backward leaves FAC as it is (the gradients go elsewhere);
                             * flow: FAC and AUX are bfloat16 */
     float zc, zh;     /* zoneout expectations (Z_SCALAR) */
+    int32_t bytes;    /* bit i: mask slot i holds uint8 0/1 bytes (see mask_at) */
+    float cell_scale; /* the value of a kept unit of a byte cell mask (1 / (1 - p)) */
     Slot s[16];
 } Plan;
 
@@ -85,6 +88,18 @@ static inline float lerp(float a, float b, float w) { return w < 0.5f ? a + w * 
 #define LOOP _Pragma("GCC ivdep") for (int64_t k = 0; k < m; k++)
 
 static inline void fill(float *a, float v) { for (int k = 0; k < K; k++) a[k] = v; }
+
+/* Elements k0 .. k0+m of row b of step t of mask slot `sl` as float32: a float32 mask where it
+ * lies, a byte mask (bit `sl` of `bytes`: exact 0/1, a quarter of the memory) converted into
+ * `tmp` (K floats, in L1) and multiplied by `scale` (the cell mask's 1 / (1 - p), so the values are
+ * those of the float32 mask it replaces: 1.0f * (float)scale). */
+static inline const float *mask_at(const Plan *p, int sl, int64_t t, int64_t b, int64_t k0, int64_t m, float scale,
+                                   float *restrict tmp) {
+    if (!((p->bytes >> sl) & 1)) return AT(p, sl, t, b) + k0;
+    const uint8_t *q = (const uint8_t *)p->s[sl].base + t * p->s[sl].step + b * p->s[sl].row + k0;
+    if (scale == 1.0f) { LOOP tmp[k] = (float)q[k]; } else { LOOP tmp[k] = (float)q[k] * scale; }
+    return tmp;
+}
 
 /* acc[k] += src[k] (bfloat16 or float32), or acc[k] += src[k] * sign[k] when sign is given */
 static inline void add_from(float *restrict acc, const void *src, int64_t off, const float *restrict sign,
@@ -150,15 +165,13 @@ static void fwd_row(const Plan *p, int64_t t, int64_t b, const void *p0, const v
     const float *r = HAS(p, F_R) ? AT(p, F_R, t, b) : 0, *bias = HAS(p, F_BIAS) ? AT(p, F_BIAS, 0, 0) : 0;
     const void *x = p->xlow ? (const void *)AT16(p, F_X, t, b) : (const void *)AT(p, F_X, t, b);
     const float *c = AT(p, F_C, t, b), *h = AT(p, F_H, t, b);
-    const float *d = HAS(p, F_CELL) ? AT(p, F_CELL, t, b) : 0;
-    const float *zcm = p->zc_mode == Z_MASK ? AT(p, F_ZC, t, b) : 0;
-    const float *zhm = p->zh_mode == Z_MASK ? AT(p, F_ZH, t, b) : 0;
+    const int cellm = HAS(p, F_CELL), zcm = p->zc_mode == Z_MASK, zhm = p->zh_mode == Z_MASK;
     float *cn = AT(p, F_C, t + 1, b), *hn = AT(p, F_H, t + 1, b);
     float *fac = 0, *aux = 0;
     uint16_t *fac16 = 0, *aux16 = 0;
     if (p->save && p->flow) { fac16 = AT16(p, F_FAC, t, b); aux16 = AT16(p, F_AUX, t, b); }
     else if (p->save) { fac = AT(p, F_FAC, t, b); aux = AT(p, F_AUX, t, b); }
-    float a[4][K], ones[K], zcs[K], zhs[K], sv[6][K];
+    float a[4][K], ones[K], zcs[K], zhs[K], sv[6][K], mt[3][K];
     fill(ones, 1.0f);
     fill(zcs, p->zc_mode == Z_SCALAR ? p->zc : 0.0f);
     fill(zhs, p->zh_mode == Z_SCALAR ? p->zh : 0.0f);
@@ -174,7 +187,9 @@ static void fwd_row(const Plan *p, int64_t t, int64_t b, const void *p0, const v
         }
         float *gi = a[0], *gf = a[1], *gg = a[2], *go = a[3];
         LOOP { gi[k] = sigm(gi[k]); gf[k] = sigm(gf[k]); gg[k] = tanhf(gg[k]); go[k] = sigm(go[k]); }
-        const float *dm = d ? d + k0 : ones, *zc = zcm ? zcm + k0 : zcs, *zh = zhm ? zhm + k0 : zhs;
+        const float *dm = cellm ? mask_at(p, F_CELL, t, b, k0, m, p->cell_scale, mt[0]) : ones;
+        const float *zc = zcm ? mask_at(p, F_ZC, t, b, k0, m, 1.0f, mt[1]) : zcs;
+        const float *zh = zhm ? mask_at(p, F_ZH, t, b, k0, m, 1.0f, mt[2]) : zhs;
         const float *cp = c + k0, *hp = h + k0;
         float *cnk = cn + k0, *hnk = hn + k0;
         if (fac || fac16) {  /* bfloat16 factors go through L1 and are rounded once below */
@@ -236,15 +251,15 @@ static void bwd_gates_row(const Plan *p, int64_t t, int64_t b, int tid) {
     void *sg = HAS(p, B_SIGNED) ? (p->low ? (void *)AT16(p, B_SIGNED, t, b) : (void *)AT(p, B_SIGNED, t, b)) : 0;
     uint16_t *dgl = HAS(p, B_DGLOW) ? AT16(p, B_DGLOW, t, b) : 0;
     float *db = HAS(p, B_DB) ? (float *)p->s[B_DB].base + tid * p->s[B_DB].row : 0;
-    const float *zcm = p->zc_mode == Z_MASK ? AT(p, B_ZC, t, b) : 0;
-    float a[4][K], dcn[K], zcs[K], au16[K], ft16[K], f16[K];
+    const int zcm = p->zc_mode == Z_MASK;
+    float a[4][K], dcn[K], zcs[K], au16[K], ft16[K], f16[K], mt[K];
     fill(zcs, p->zc_mode == Z_SCALAR ? p->zc : 0.0f);
     for (int64_t k0 = 0; k0 < n; k0 += K) {
         const int64_t m = MIN(K, n - k0);
         const float *au = au16, *fk = ft16;
         if (aux16) { from_low(au16, aux16 + k0, m); from_low(ft16, aux16 + n + k0, m); }
         else { au = aux + k0; fk = ft + k0; }
-        const float *zc = zcm ? zcm + k0 : zcs, *dhk = dh + k0, *dck = dc + k0;
+        const float *zc = zcm ? mask_at(p, B_ZC, t, b, k0, m, 1.0f, mt) : zcs, *dhk = dh + k0, *dck = dc + k0;
         float *dcpk = dcp + k0;
         LOOP {
             dcn[k] = dhk[k] * au[k] + dck[k] * (1.0f - zc[k]);
@@ -281,8 +296,8 @@ static void bwd_hidden_row(const Plan *p, int64_t t, int64_t b, const void *p0, 
     const float *base = t > 0 ? AT(p, B_DOUT, t - 1, b) : 0, *dh = AT(p, B_DH, (t + 1) & 1, b);
     float *out = AT(p, B_DH, t & 1, b);
     const float *mk = HAS(p, B_MASK) ? AT(p, B_MASK, t, b) : 0, *s = HAS(p, B_S) ? AT(p, B_S, t, b) : 0;
-    const float *zhm = p->zh_mode == Z_MASK ? AT(p, B_ZH, t, b) : 0;
-    float v[K], ones[K], zeros[K], zhs[K];
+    const int zhm = p->zh_mode == Z_MASK;
+    float v[K], ones[K], zeros[K], zhs[K], mt[K];
     fill(ones, 1.0f);
     fill(zeros, 0.0f);
     fill(zhs, p->zh_mode == Z_SCALAR ? p->zh : 0.0f);
@@ -291,7 +306,8 @@ static void bwd_hidden_row(const Plan *p, int64_t t, int64_t b, const void *p0, 
         LOOP v[k] = 0.0f;
         add_from(v, p0, b * n + k0, 0, m, p->low);
         if (p1) add_from(v, p1, b * n + k0, s + k0, m, p->low);
-        const float *mm = mk ? mk + k0 : ones, *zh = zhm ? zhm + k0 : zhs, *bs = base ? base + k0 : zeros;
+        const float *mm = mk ? mk + k0 : ones, *bs = base ? base + k0 : zeros;
+        const float *zh = zhm ? mask_at(p, B_ZH, t, b, k0, m, 1.0f, mt) : zhs;
         const float *dhk = dh + k0;
         float *o = out + k0;
         LOOP o[k] = bs[k] + v[k] * mm[k] + dhk[k] * zh[k];

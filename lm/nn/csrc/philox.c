@@ -52,8 +52,9 @@ static inline float unit24(uint32_t x) { return (float)(x >> 8) * 0x1p-24f; }   
 static inline float unit32_open0(uint32_t x) { return ((float)x + 1.0f) * 0x1p-32f; }   /* (0, 1] */
 
 /* out[i] = keep_value if u_i < p_keep else drop_value; with p_keep = 2 and 1 / 0 it is the uniform
- * u_i itself (see philox_uniform). */
-static void fill(float *out, int64_t n, uint64_t seed, int threads, int mode, float p_keep, float keep, float drop) {
+ * u_i itself (see philox_uniform). Mode 3 is mode 1 with keep 1 and drop 0 stored as bytes (uint8):
+ * the same draw in a quarter of the memory. */
+static void fill(void *out, int64_t n, uint64_t seed, int threads, int mode, float p_keep, float keep, float drop) {
     const int64_t blocks = (n + 3) / 4, units = (blocks + BLOCKS - 1) / BLOCKS;
     #pragma omp parallel for schedule(static) num_threads(threads) if(n >= 65536)
     for (int64_t u = 0; u < units; u++) {
@@ -64,7 +65,7 @@ static void fill(float *out, int64_t n, uint64_t seed, int threads, int mode, fl
         words(first, count, seed, w);
         if (mode == 0) {          /* uniform */
             for (int j = 0; j < 4; j++) { _Pragma("GCC ivdep") for (int64_t b = 0; b < count; b++) v[j][b] = unit24(w[j][b]); }
-        } else if (mode == 1) {   /* two-valued */
+        } else if (mode == 1 || mode == 3) {   /* two-valued; bytes */
             for (int j = 0; j < 4; j++) {
                 _Pragma("GCC ivdep") for (int64_t b = 0; b < count; b++) v[j][b] = unit24(w[j][b]) < p_keep ? keep : drop;
             }
@@ -84,7 +85,19 @@ static void fill(float *out, int64_t n, uint64_t seed, int threads, int mode, fl
             }
         }
         const int64_t base = (int64_t)first * 4, left = n - base < 4 * count ? n - base : 4 * count;
-        float *restrict o = out + base;
+        if (mode == 3) {
+            uint8_t *restrict o = (uint8_t *)out + base;
+            if (left == 4 * count) {
+                for (int64_t b = 0; b < count; b++) {
+                    o[4 * b] = (uint8_t)v[0][b]; o[4 * b + 1] = (uint8_t)v[1][b];
+                    o[4 * b + 2] = (uint8_t)v[2][b]; o[4 * b + 3] = (uint8_t)v[3][b];
+                }
+            } else {
+                for (int64_t i = 0; i < left; i++) o[i] = (uint8_t)v[i & 3][i >> 2];
+            }
+            continue;
+        }
+        float *restrict o = (float *)out + base;
         if (left == 4 * count) {  /* a whole unit: element 4b + j is word j of block b */
             for (int64_t b = 0; b < count; b++) {
                 o[4 * b] = v[0][b]; o[4 * b + 1] = v[1][b]; o[4 * b + 2] = v[2][b]; o[4 * b + 3] = v[3][b];
@@ -99,6 +112,11 @@ void philox_uniform(float *out, int64_t n, uint64_t seed, int threads) { fill(ou
 
 void philox_two_valued(float *out, int64_t n, uint64_t seed, int threads, float p_keep, float keep, float drop) {
     fill(out, n, seed, threads, 1, p_keep, keep, drop);
+}
+
+/* out[i] = 1 if u_i < p_keep else 0, as bytes: philox_two_valued(out, n, seed, threads, p_keep, 1, 0)'s draw */
+void philox_bytes(uint8_t *out, int64_t n, uint64_t seed, int threads, float p_keep) {
+    fill(out, n, seed, threads, 3, p_keep, 1.0f, 0.0f);
 }
 
 void philox_normal(float *out, int64_t n, uint64_t seed, int threads) { fill(out, n, seed, threads, 2, 0, 0, 0); }
