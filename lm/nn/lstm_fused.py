@@ -83,8 +83,9 @@ def library() -> ctypes.CDLL | None:
     lib.lstm_backward_hidden.argtypes = [plan, c_int64, c_void_p, c_void_p]
     lib.transpose_2d.argtypes = [c_void_p, c_void_p, c_int64, c_int64, c_int, c_int]
     lib.transpose_to_bf16.argtypes = [c_void_p, c_void_p, c_int64, c_int64, c_int]
+    lib.lstm_activations.argtypes = [c_void_p, c_void_p, c_void_p, c_int64]
     for f in (lib.lstm_left, lib.lstm_forward_step, lib.lstm_backward_gates, lib.lstm_backward_hidden,
-              lib.transpose_2d, lib.transpose_to_bf16):
+              lib.transpose_2d, lib.transpose_to_bf16, lib.lstm_activations):
         f.restype = None
     lib._flipout_ready = True
     return lib

@@ -16,12 +16,13 @@
  * exactly into float32, so only their storage is narrow; every sum, the state and the carried
  * gradients stay float32. Backward then never writes FAC (`nokeep` is required).
  *
- * Compiled with -O3 -march=native (or $FLIPOUT_LM_MARCH) -fno-math-errno -fopenmp (lm/nn/cext.py;
- * without -fopenmp where the compiler rejects it: then one thread, the same results). The two declarations
- * below let gcc call glibc's vector expf / tanhf (libmvec, glibc >= 2.35 for tanhf), so each loop
- * is vectorised, while IEEE semantics stay: no -ffast-math, whose reciprocal turned 1 / (1 + inf)
- * into NaN and whose finite-math would hide a NaN. OpenMP splits rows across the threads torch
- * uses (the same libgomp as torch, which is loaded first).
+ * Compiled with -O3 -march=native (or $FLIPOUT_LM_MARCH), on x86 -mprefer-vector-width=512, and
+ * -fopenmp (lm/nn/cext.py; without -fopenmp where the compiler rejects it: then one thread, the
+ * same results). σ and tanh are written out below (fexp, ftanh: float32 to about 1 ulp, no library
+ * call), so gcc inlines them and vectorises each loop at its full width; glibc's vector expf/tanhf
+ * (libmvec) ran at 256 bits only and cost more. IEEE semantics stay: no -ffast-math, whose
+ * reciprocal turned 1 / (1 + inf) into NaN and whose finite-math would hide a NaN. OpenMP splits
+ * rows across the threads torch uses (the same libgomp as torch, which is loaded first).
  */
 #include <math.h>
 #include <stdint.h>
@@ -31,11 +32,6 @@
 #else  /* a compiler without OpenMP (Apple's clang): the pragmas are ignored and every row runs on thread 0 */
 static inline int omp_get_thread_num(void) { return 0; }
 #endif
-
-#pragma omp declare simd notinbranch
-float expf(float);
-#pragma omp declare simd notinbranch
-float tanhf(float);
 
 typedef struct { void *base; int64_t row; int64_t step; } Slot;
 
@@ -76,7 +72,40 @@ static inline float load(const void *p, int64_t i, int low) {
 static inline void store(void *p, int64_t i, float v, int low) {
     if (low) ((uint16_t *)p)[i] = f32_to_bf16(v); else ((float *)p)[i] = v;
 }
-static inline float sigm(float x) { return 1.0f / (1.0f + expf(-x)); }
+/* e^x in float32 without a library call, so that gcc inlines and vectorises it at the loop's own
+ * width: n = round(x / ln 2), r = x - n ln 2 (ln 2 in two parts: the first has 9 bits, so n C1 is
+ * exact), e^r on [-ln2/2, ln2/2] by Cephes' expf polynomial (about 1 ulp), times 2^n built from
+ * exponent bits in two factors, so that n from -150 to 128 scales exactly into the subnormals or
+ * overflows to inf. x is clamped to [-104, 89] (e^x is 0 or inf beyond); NaN stays NaN (every
+ * comparison with it is false, and it passes through r). */
+static inline float pow2i(int32_t n) { uint32_t u = (uint32_t)(n + 127) << 23; float f; memcpy(&f, &u, 4); return f; }
+static inline float fexp(float x) {
+    x = x < -104.0f ? -104.0f : x > 89.0f ? 89.0f : x;
+    const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  /* round to nearest: 1.5 * 2^23 */
+    const float r = (x - n * 0.693359375f) + n * 2.12194440e-4f;
+    float q = 1.9875691500e-4f;
+    q = q * r + 1.3981999507e-3f;
+    q = q * r + 8.3334519073e-3f;
+    q = q * r + 4.1665795894e-2f;
+    q = q * r + 1.6666665459e-1f;
+    q = q * r + 5.0000001201e-1f;
+    const float e = q * (r * r) + r + 1.0f;
+    const int32_t ni = (int32_t)(n == n ? n : 0.0f), half = ni / 2;  /* n is NaN only when x is: e is NaN then */
+    return e * pow2i(half) * pow2i(ni - half);
+}
+static inline float sigm(float x) { return 1.0f / (1.0f + fexp(-x)); }
+/* tanh: Cephes' tanhf: x + x^3 P(x^2) below |x| = 0.625, else 1 - 2 / (e^{2|x|} + 1) with x's sign
+ * (inf: ±1; NaN: NaN). Both branches are computed and one is chosen, so the loop stays vectorised. */
+static inline float ftanh(float x) {
+    const float a = fabsf(x), z = x * x;
+    float q = -5.70498872745e-3f;
+    q = q * z + 2.06390887954e-2f;
+    q = q * z - 5.37397155531e-2f;
+    q = q * z + 1.33314422036e-1f;
+    q = q * z - 3.33332819422e-1f;
+    const float small = copysignf(q * z * x + x, x), big = copysignf(1.0f - 2.0f / (fexp(a + a) + 1.0f), x);
+    return a < 0.625f ? small : big;
+}
 /* a + w (b - a) as torch.lerp computes it: exact at both ends, so a zoned-out unit (w = 1) keeps
  * its previous value bit for bit */
 static inline float lerp(float a, float b, float w) { return w < 0.5f ? a + w * (b - a) : b - (b - a) * (1.0f - w); }
@@ -186,7 +215,7 @@ static void fwd_row(const Plan *p, int64_t t, int64_t b, const void *p0, const v
             if (p1) add_from(aj, p1, b * 4 * n + j * n + k0, r + j * n + k0, m, p->low);
         }
         float *gi = a[0], *gf = a[1], *gg = a[2], *go = a[3];
-        LOOP { gi[k] = sigm(gi[k]); gf[k] = sigm(gf[k]); gg[k] = tanhf(gg[k]); go[k] = sigm(go[k]); }
+        LOOP { gi[k] = sigm(gi[k]); gf[k] = sigm(gf[k]); gg[k] = ftanh(gg[k]); go[k] = sigm(go[k]); }
         const float *dm = cellm ? mask_at(p, F_CELL, t, b, k0, m, p->cell_scale, mt[0]) : ones;
         const float *zc = zcm ? mask_at(p, F_ZC, t, b, k0, m, 1.0f, mt[1]) : zcs;
         const float *zh = zhm ? mask_at(p, F_ZH, t, b, k0, m, 1.0f, mt[2]) : zhs;
@@ -197,7 +226,7 @@ static void fwd_row(const Plan *p, int64_t t, int64_t b, const void *p0, const v
             float *fg = fac16 ? sv[2] : fac + 2 * n + k0, *fo = fac16 ? sv[3] : fac + 3 * n + k0;
             float *bc = fac16 ? sv[4] : aux + k0, *ft = fac16 ? sv[5] : aux + n + k0;
             LOOP {
-                const float u = gi[k] * gg[k] * dm[k], v = gf[k] * cp[k], cc = u + v, tc = tanhf(cc);
+                const float u = gi[k] * gg[k] * dm[k], v = gf[k] * cp[k], cc = u + v, tc = ftanh(cc);
                 const float hh = go[k] * tc, keep = 1.0f - zh[k];
                 cnk[k] = lerp(cc, cp[k], zc[k]);
                 hnk[k] = lerp(hh, hp[k], zh[k]);
@@ -215,7 +244,7 @@ static void fwd_row(const Plan *p, int64_t t, int64_t b, const void *p0, const v
             }
         } else {
             LOOP {
-                const float u = gi[k] * gg[k] * dm[k], v = gf[k] * cp[k], cc = u + v, hh = go[k] * tanhf(cc);
+                const float u = gi[k] * gg[k] * dm[k], v = gf[k] * cp[k], cc = u + v, hh = go[k] * ftanh(cc);
                 cnk[k] = lerp(cc, cp[k], zc[k]);
                 hnk[k] = lerp(hh, hp[k], zh[k]);
             }
@@ -320,6 +349,16 @@ void lstm_backward_hidden(const Plan *p, int64_t t, const void *p0, const void *
 }
 
 int lstm_step_abi(void) { return (int)sizeof(Plan); }
+
+/* sig[i] = σ(x[i]), th[i] = tanh(x[i]) as the steps compute them (for the accuracy tests) */
+void lstm_activations(const float *x, float *sig, float *th, int64_t n) {
+    for (int64_t k0 = 0; k0 < n; k0 += K) {
+        const int64_t m = MIN(K, n - k0);
+        const float *xk = x + k0;
+        float *sk = sig + k0, *tk = th + k0;
+        LOOP { sk[k] = sigm(xk[k]); tk[k] = ftanh(xk[k]); }
+    }
+}
 
 /* dst (cols x rows) = src (rows x cols)ᵀ, both row-major, in 32 x 32 tiles so that reads and
  * writes both stay within cache lines: the backward products' weights W_hhᵀ (and ΔŴᵀ), once per
