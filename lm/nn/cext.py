@@ -61,7 +61,7 @@ no AVX-512 (AVX2) the flag changes nothing."""
 SYMBOLS = {
     "philox": ("philox_uniform", "philox_normal", "philox_two_valued", "philox_bytes", "philox_kat"),
     "lstm_step": ("lstm_step_abi", "lstm_left", "lstm_forward_step", "lstm_backward_gates",
-                  "lstm_backward_hidden", "transpose_2d", "transpose_to_bf16", "lstm_activations"),
+                  "lstm_backward_hidden_gates", "transpose_2d", "transpose_to_bf16", "lstm_activations"),
 }
 """The functions each library must export; a library without one is not used."""
 

@@ -35,13 +35,13 @@ its rows (an input is converted, an output must already be right).
 
 from __future__ import annotations
 
-import ctypes
-from ctypes import c_float, c_int, c_int32, c_int64, c_void_p
 from typing import NamedTuple
 
 import torch
 
-from lm.nn import cext
+from lm.nn.cstep import (B_AUX, B_DB, B_DC, B_DGLOW, B_DH, B_DOUT, B_FAC, B_MASK, B_R, B_S, B_SIGNED, B_ZC, B_ZH,
+                         F_AUX, F_BIAS, F_C, F_CELL, F_FAC, F_H, F_LEFT0, F_LEFT1, F_LOW0, F_MASK, F_R, F_S, F_X,
+                         F_ZC, F_ZH, Builder, library, transposed)
 from lm.nn.lstm_matmul import Packed, use_packed
 from lm.nn.pool import POOL, clear_pool  # noqa: F401  (the pool this module fills)
 
@@ -52,103 +52,10 @@ LOW_FACTORS: bool = True
 """Under bf16, store the saved factors in bf16 where backward needs no float32 gate gradients
 (default); False: always float32 (``bench/flag_ab.py`` times the two)."""
 
-F_X, F_R, F_C, F_H, F_CELL, F_ZC, F_ZH, F_FAC, F_AUX, F_MASK, F_S, F_LEFT0, F_LEFT1, F_LOW0, F_BIAS = range(15)  # csrc
-B_FAC, B_AUX, B_ZC, B_ZH, B_R, B_S, B_MASK, B_DOUT, B_DH, B_DC, B_SIGNED, B_DGLOW, B_DB = range(13)
-Z_NONE, Z_MASK, Z_SCALAR = 0, 1, 2
-
-
-class _Slot(ctypes.Structure):
-    _fields_ = [("base", c_void_p), ("row", c_int64), ("step", c_int64)]
-
-
-class _Plan(ctypes.Structure):
-    _fields_ = [("batch", c_int64), ("hid", c_int64), ("threads", c_int32), ("low", c_int32), ("save", c_int32),
-                ("zc_mode", c_int32), ("zh_mode", c_int32), ("xlow", c_int32), ("nokeep", c_int32),
-                ("flow", c_int32), ("zc", c_float), ("zh", c_float), ("bytes", c_int32), ("cell_scale", c_float),
-                ("s", _Slot * 16)]
-
-
-def library() -> ctypes.CDLL | None:
-    """The loaded C kernels with their signatures set, or None (see :func:`lm.nn.cext.load`)."""
-    lib, status = cext.load("lstm_step")
-    if lib is None or getattr(lib, "_flipout_ready", False):
-        return lib
-    if lib.lstm_step_abi() != ctypes.sizeof(_Plan):  # a stale or foreign build: never read past the struct
-        cext._LOADED["lstm_step"] = None, cext.BuildStatus(False, "C struct layout mismatch")
-        return None
-    plan = ctypes.POINTER(_Plan)
-    lib.lstm_left.argtypes = [plan, c_int64]
-    lib.lstm_forward_step.argtypes = [plan, c_int64, c_int64, c_void_p, c_void_p]
-    lib.lstm_backward_gates.argtypes = [plan, c_int64]
-    lib.lstm_backward_hidden.argtypes = [plan, c_int64, c_void_p, c_void_p]
-    lib.transpose_2d.argtypes = [c_void_p, c_void_p, c_int64, c_int64, c_int, c_int]
-    lib.transpose_to_bf16.argtypes = [c_void_p, c_void_p, c_int64, c_int64, c_int]
-    lib.lstm_activations.argtypes = [c_void_p, c_void_p, c_void_p, c_int64]
-    for f in (lib.lstm_left, lib.lstm_forward_step, lib.lstm_backward_gates, lib.lstm_backward_hidden,
-              lib.transpose_2d, lib.transpose_to_bf16, lib.lstm_activations):
-        f.restype = None
-    lib._flipout_ready = True
-    return lib
-
-
 def usable(w: torch.Tensor, low: torch.dtype | None) -> bool:
     """Whether the fused step runs this window (weights ``w``, matmul dtype ``low`` or None)."""
     return (FUSED is not False and w.device.type == "cpu" and w.dtype == torch.float32
             and low in (None, torch.bfloat16) and use_packed(w, low) and library() is not None)
-
-
-class _Builder:
-    """Fills a plan's slots from tensors and keeps those tensors alive while the plan is used."""
-
-    def __init__(self, batch: int, hid: int, low: torch.dtype | None, save: bool, zc, zh) -> None:
-        self.plan, self.keep = _Plan(), []
-        p = self.plan
-        p.batch, p.hid, p.threads, p.low, p.save = batch, hid, torch.get_num_threads(), int(low is not None), int(save)
-        for name, z in (("zc", zc), ("zh", zh)):
-            mode = Z_NONE if z is None else Z_MASK if isinstance(z, torch.Tensor) else Z_SCALAR
-            setattr(p, f"{name}_mode", mode)
-            setattr(p, name, float(z) if mode == Z_SCALAR else 0.0)
-        self.ref = ctypes.byref(p)
-
-    def __call__(self, index: int, t: torch.Tensor | float | None, dtype: torch.dtype = torch.float32,
-                 out: bool = False) -> None:
-        """Slot ``index`` := ``t``, a ``(B, X)`` tensor (the same every step), ``(T, B, X)``, or ``(X,)``
-        (the same for every row and step); an input is converted when needed, an output (``out``)
-        must already be right."""
-        if not isinstance(t, torch.Tensor):
-            return
-        if t.dtype != dtype or t.device.type != "cpu" or t.stride(-1) != 1:
-            if out:
-                raise ValueError(f"output slot {index} is {t.dtype} on {t.device} (needs {dtype}, unit stride)")
-            t = t.to("cpu", dtype).contiguous()
-        self.keep.append(t)
-        row, step = (0, 0) if t.dim() == 1 else (t.stride(0), 0) if t.dim() == 2 else (t.stride(1), t.stride(0))
-        self.plan.s[index] = _Slot(t.data_ptr(), row, step)
-
-    def mask(self, index: int, t: torch.Tensor | float | None) -> None:
-        """Slot ``index`` := a step mask: ``uint8`` 0/1 bytes, read as they are (the C step converts
-        them in L1), or float32."""
-        if isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.device.type == "cpu":
-            self.plan.bytes |= 1 << index
-            self(index, t, torch.uint8)
-        else:
-            self(index, t)
-
-
-def transposed(m: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
-    """``mᵀ`` as a contiguous copy (float32 or bfloat16 ``(R, C)`` -> ``(C, R)``, in ``dtype``, by
-    default ``m``'s) by the C tiled transpose: the backward products' weights, once per window
-    (torch's strided copy is ~4x slower). float32 -> bfloat16 rounds as it transposes, bit for bit
-    ``m.to(bfloat16).t()``, in one pass instead of a cast and a transpose."""
-    m, dtype = m.contiguous(), dtype or m.dtype
-    out, threads = m.new_empty(m.shape[1], m.shape[0], dtype=dtype), torch.get_num_threads()
-    if dtype == m.dtype:
-        library().transpose_2d(m.data_ptr(), out.data_ptr(), *m.shape, m.element_size(), threads)
-    elif (m.dtype, dtype) == (torch.float32, torch.bfloat16):
-        library().transpose_to_bf16(m.data_ptr(), out.data_ptr(), *m.shape, threads)
-    else:
-        return transposed(m.to(dtype))
-    return out
 
 
 def _ptr(x: torch.Tensor | None):
@@ -192,7 +99,7 @@ def window_forward(xproj, h0, c0, w, delta, s, r, mask, cell, zc, zh, low, save:
         left_all = POOL.take(w, steps, batch, hid, dtype=ldt) if save else new(1, batch, hid, dtype=ldt)
     left0 = None if left_all is None else left_all[0] if flip else left_all
     left1 = left_all[1] if flip else None
-    slot = _Builder(batch, hid, low, save, zc, zh)
+    slot = Builder(batch, hid, low, save, zc, zh)
     slot.plan.xlow, slot.plan.flow, slot.plan.cell_scale = int(xlow), int(fdt != torch.float32), cell_scale
     slot(F_X, xproj, xproj.dtype)
     slot(F_BIAS, bias)
@@ -272,7 +179,7 @@ def window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low
     dc2[steps & 1] = d_c
     flip = delta is not None
     ldt = low or torch.float32
-    slot = _Builder(batch, hid, low, True, zc, zh)
+    slot = Builder(batch, hid, low, True, zc, zh)
     slot.plan.nokeep = int(not keep and low is not None)
     slot.plan.flow = int(fac.dtype != torch.float32)
     if slot.plan.flow and not slot.plan.nokeep:  # bf16 factors cannot hold float32 gate gradients
@@ -295,11 +202,11 @@ def window_backward(d_out, d_h, d_c, fac, aux, w, delta, s, r, mask, zc, zh, low
     lin = products(w, delta, low, batch, backward=True)
     grads = (fac if dglow is None else dglow).unbind(0)
     sgs = (sg.unbind(0) if signed else (sg,) * steps) if flip else None
-    for t in range(steps - 1, -1, -1):
-        lib.lstm_backward_gates(slot.ref, t)
+    lib.lstm_backward_gates(slot.ref, steps - 1)
+    for t in range(steps - 1, -1, -1):  # step t's products, then its dh_{t-1} and step t-1's gates
         p0 = lin[0](grads[t])
         p1 = lin[1](sgs[t]) if flip else None
-        lib.lstm_backward_hidden(slot.ref, t, p0.data_ptr(), _ptr(p1))
+        lib.lstm_backward_hidden_gates(slot.ref, t, p0.data_ptr(), _ptr(p1))
     # the C code wrote fac through a raw pointer (with keep off it only read it, but the window's
     # buffers go back to the pool all the same): bump its version, so that a second backward
     # through a retained graph fails on ctx.saved_tensors as the torch step's does

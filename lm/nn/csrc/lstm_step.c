@@ -343,9 +343,15 @@ static void bwd_hidden_row(const Plan *p, int64_t t, int64_t b, const void *p0, 
     }
 }
 
-void lstm_backward_hidden(const Plan *p, int64_t t, const void *p0, const void *p1) {
+/* The second half of step t and, for t > 0, the first half of step t-1, row by row in one pass:
+ * step t-1's gates read row b of dh_{t-1} just as it was written (in L1), and a step takes one
+ * call and one parallel region instead of two. Rows are independent in both halves. */
+void lstm_backward_hidden_gates(const Plan *p, int64_t t, const void *p0, const void *p1) {
     PAR
-    for (int64_t b = 0; b < p->batch; b++) bwd_hidden_row(p, t, b, p0, p1);
+    for (int64_t b = 0; b < p->batch; b++) {
+        bwd_hidden_row(p, t, b, p0, p1);
+        if (t > 0) bwd_gates_row(p, t - 1, b, omp_get_thread_num());
+    }
 }
 
 int lstm_step_abi(void) { return (int)sizeof(Plan); }
