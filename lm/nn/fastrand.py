@@ -22,8 +22,9 @@ trainer checks at start-up that all processes agree (:mod:`lm.train.distributed`
 
 Distributions: :func:`uniform` gives float32 multiples of 2^-24 in [0, 1) (as ``torch.rand``);
 :func:`two_valued` compares such a uniform with ``p`` (so ``P(below) = p`` up to 2^-24, as
-``torch.rand(...) < p``), and :func:`bernoulli_bytes` stores that comparison as 0/1 bytes; :func:`normal` is Box-Muller, its radius from a 32-bit uniform in
-(0, 1], so ``|z| <= 6.66`` (a standard normal exceeds that with probability 3e-11).
+``torch.rand(...) < p``), and :func:`bernoulli_bytes` stores that comparison as 0/1 bytes;
+:func:`normal` is Box-Muller, its radius from a 32-bit uniform in (0, 1], so ``|z| <= 6.66`` (a
+standard normal exceeds that with probability 3e-11).
 
 Where: float32 tensors on a CPU with the library built (:mod:`lm.nn.cext`); elsewhere (CUDA,
 other dtypes, ``FAST = False``, no compiler) the same functions draw with torch's generator.

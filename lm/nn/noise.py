@@ -17,11 +17,11 @@ from lm.nn.flipout import Flip
 from lm.nn.tape import drawn, like as _like
 
 State = tuple[torch.Tensor, torch.Tensor]
+Zone = torch.Tensor | float | None  # zoneout: (T, B, H) keep-old masks, a probability (eval), or off
 
 BYTE_MASKS: bool = True
 """Draw the step masks as ``uint8`` bytes (default); False: as float32 values, the cell mask scaled
 (the same draws; ``bench/flag_ab.py --switch byte_masks`` times the two)."""
-Zone = torch.Tensor | float | None  # zoneout: (T, B, H) keep-old masks, a probability (eval), or off
 
 
 def dense(mask: Zone, scale: float = 1.0, dtype: torch.dtype = torch.float32) -> Zone:
