@@ -6,8 +6,8 @@ development machine and a reused one 8.5 ms, and the window's new buffers cost a
 its fused element-wise work. So the window kernel takes its buffers that never leave it from
 :data:`POOL` (the cell states, the saved factors ``fac`` and ``aux``, the left operands, the input
 projection, the bf16 and the signed gate gradients, the backward weight's transposed copy) and
-hands each back once its window is done with it; ``hall``, the layer's output, and any buffer that
-leaves as a gradient stay fresh.
+hands each back once its window is done
+with it; ``hall``, the layer's output, and any buffer that leaves as a gradient stay fresh.
 
 **Bounded memory under variable window lengths.** A buffer is a flat allocation handed out as a
 view of its first ``prod(shape)`` elements, so a buffer kept from a window of length 83 serves
