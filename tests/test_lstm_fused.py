@@ -293,7 +293,7 @@ def test_window_that_projects_its_input_matches_a_projection_outside(monkeypatch
     """``lstm_window(x, ..., weight_ih=W, bias=b)`` equals ``lstm_window(F.linear(x, W, b), ...)``:
     outputs, state and the gradients of ``x``, ``W``, ``b``, the state and ``W_hh``, on the C
     step and on the torch step. On the C step its ``(T, B, 4H)`` buffers (the projection and
-    ``fac``) come from the pool: a later window reuses the earlier ones' instead of new ones."""
+    ``fac``) come from the pool: a second window reuses the first one's instead of new ones."""
     if step == "fused" and (lstm_fused.library() is None or not lstm_matmul.onednn_linear_available()):
         pytest.skip("fused step unavailable")
     monkeypatch.setattr(lstm_fused, "FUSED", None if step == "fused" else False)
@@ -316,19 +316,15 @@ def test_window_that_projects_its_input_matches_a_projection_outside(monkeypatch
 
     lstm_fused.clear_pool()
     ref, got = run(False), run(True)
-    # (T, B, 4H) or larger: the projection and fac (the backward weight's transposed copy, also
-    # pooled, is larger at this size and may serve either)
-    big = lambda: {t.data_ptr() for kept in lstm_fused.POOL.free.values() for t in kept  # noqa: E731
-                   if t.numel() >= T * B * 4 * H}
-    run(True)  # the pool settles in two windows (best fit between the buffers and the weight's copy)
-    pooled = big()
+    pooled = {t.data_ptr() for kept in lstm_fused.POOL.free.values() for t in kept if t.numel() == T * B * 4 * H}
     again = run(True)
     for a, b, c in zip(got, ref, again):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
         assert torch.equal(a, c)
     if step == "fused":
-        assert len(pooled) >= 2
-        assert pooled == big()
+        assert len(pooled) == 2  # the projection and fac
+        assert pooled == {t.data_ptr() for kept in lstm_fused.POOL.free.values() for t in kept
+                          if t.numel() == T * B * 4 * H}
     lstm_fused.clear_pool()
 
 

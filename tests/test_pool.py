@@ -115,28 +115,3 @@ def test_a_longer_window_does_not_add_its_buffers_on_top_of_the_shorter_ones():
     pool.most = 0
     window(pool, like, 40)
     assert pool.most <= 1.1 * fresh.most  # (a smaller first request may still take an old, larger buffer)
-
-
-@pytest.mark.skipif(lstm_fused.library() is None or not lstm_matmul.onednn_linear_available(),
-                    reason="no fused step with oneDNN products here")
-@pytest.mark.parametrize("low", [None, torch.bfloat16], ids=["fp32", "bf16"])
-def test_products_keep_no_pooled_buffer(low):
-    """The per-step products reorder their weights from a pooled cast or transposed copy and hand
-    it back at once: the products must not read it later (oneDNN's reorder copies), so overwriting
-    every free buffer of the pool leaves them unchanged."""
-    if low is not None and not lstm_matmul.onednn_linear_available(low):
-        pytest.skip("no oneDNN bf16 products here")
-    g = torch.Generator().manual_seed(0)
-    w, delta = torch.randn(24, 6, generator=g), torch.randn(24, 6, generator=g)
-    ldt = low or torch.float32
-    xs = {False: torch.randn(5, 6, generator=g).to(ldt), True: torch.randn(5, 24, generator=g).to(ldt)}
-    for backward in (False, True):
-        lin = lstm_fused.products(w, delta, low, 5, backward=backward)
-        before = [f(xs[backward]).clone() for f in lin]
-        for kept in lstm_fused.POOL.free.values():
-            for t in kept:
-                t.fill_(7)
-        assert all(torch.equal(f(xs[backward]), b) for f, b in zip(lin, before))
-        want = [xs[backward].float() @ (m if backward else m.t()).to(ldt).float() for m in (w, delta)]
-        for got, ref in zip(before, want):
-            torch.testing.assert_close(got.float(), ref, rtol=2e-2 if low else 1e-5, atol=2e-2 if low else 1e-5)

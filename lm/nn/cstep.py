@@ -94,22 +94,17 @@ class Builder:
             self(index, t)
 
 
-def transposed(m: torch.Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+def transposed(m: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
     """``mᵀ`` as a contiguous copy (float32 or bfloat16 ``(R, C)`` -> ``(C, R)``, in ``dtype``, by
-    default ``m``'s; into ``out``, a contiguous ``(C, R)`` tensor of that dtype, when given) by the C
-    tiled transpose: the backward products' weights, once per window (torch's strided copy is ~4x
-    slower). float32 -> bfloat16 rounds as it transposes, bit for bit ``m.to(bfloat16).t()``, in
-    one pass instead of a cast and a transpose."""
+    default ``m``'s) by the C tiled transpose: the backward products' weights, once per window
+    (torch's strided copy is ~4x slower). float32 -> bfloat16 rounds as it transposes, bit for bit
+    ``m.to(bfloat16).t()``, in one pass instead of a cast and a transpose."""
     m, dtype = m.contiguous(), dtype or m.dtype
-    if out is None:
-        out = m.new_empty(m.shape[1], m.shape[0], dtype=dtype)
-    elif out.shape != (m.shape[1], m.shape[0]) or out.dtype != dtype or not out.is_contiguous():
-        raise ValueError(f"transposed: out is {tuple(out.shape)} {out.dtype}, needs {(m.shape[1], m.shape[0])} {dtype}")
-    threads = torch.get_num_threads()
+    out, threads = m.new_empty(m.shape[1], m.shape[0], dtype=dtype), torch.get_num_threads()
     if dtype == m.dtype:
         library().transpose_2d(m.data_ptr(), out.data_ptr(), *m.shape, m.element_size(), threads)
     elif (m.dtype, dtype) == (torch.float32, torch.bfloat16):
         library().transpose_to_bf16(m.data_ptr(), out.data_ptr(), *m.shape, threads)
     else:
-        return transposed(m.to(dtype), out=out)
+        return transposed(m.to(dtype))
     return out

@@ -134,20 +134,10 @@ def products(w: torch.Tensor, delta: torch.Tensor | None, low: torch.dtype | Non
              backward: bool = False) -> list[Packed]:
     """The per-step products of a window, their weights cast to ``low`` (or float32) and reordered
     once for ``batch``-row operands: ``x ↦ x Wᵀ`` for ``W_hh`` (and ``ΔŴ``), or with ``backward``
-    ``x ↦ x W`` (the weights transposed by :func:`transposed`). The cast or transposed copy is
-    made in a pooled buffer, which the reorder copies: under the trainer's fixed mmap threshold
-    (:mod:`lm.train.malloc`) a fresh 16 MB one is mapped page by page every window (6 ms against
-    1.5 ms for a char ``W_hh``'s transpose)."""
+    ``x ↦ x W`` (the weights transposed by :func:`transposed`)."""
     ldt = low or torch.float32
-    lin = []
-    for m in (w,) if delta is None else (w, delta):
-        if backward:
-            buf = transposed(m, ldt, out=POOL.take(m, m.shape[1], m.shape[0], dtype=ldt))
-        else:
-            buf = None
-        lin.append(Packed(m.to(ldt) if buf is None else buf, batch))
-        POOL.give(buf)
-    return lin
+    weights = (w,) if delta is None else (w, delta)
+    return [Packed(transposed(m, ldt) if backward else m.to(ldt), batch) for m in weights]
 
 
 def project(x: torch.Tensor, w_ih: torch.Tensor, low: torch.dtype | None, pooled: bool = True):

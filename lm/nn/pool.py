@@ -5,8 +5,7 @@ A fresh buffer of tens of MB is mapped page by page on its first touch: at the c
 development machine and a reused one 8.5 ms, and the window's new buffers cost about as much as
 its fused element-wise work. So the window kernel takes its buffers that never leave it from
 :data:`POOL` (the cell states, the saved factors ``fac`` and ``aux``, the left operands, the input
-projection, the bf16 and the signed gate gradients, the backward weight's transposed copy) and
-hands each back once its window is done
+projection, the bf16 and the signed gate gradients) and hands each back once its window is done
 with it; ``hall``, the layer's output, and any buffer that leaves as a gradient stay fresh.
 
 **Bounded memory under variable window lengths.** A buffer is a flat allocation handed out as a
