@@ -51,6 +51,20 @@ static inline void words(uint64_t first, int64_t count, uint64_t seed, uint32_t 
 static inline float unit24(uint32_t x) { return (float)(x >> 8) * 0x1p-24f; }            /* [0, 1) */
 static inline float unit32_open0(uint32_t x) { return ((float)x + 1.0f) * 0x1p-32f; }   /* (0, 1] */
 
+/* A unit's values into out (element type T) from element `base` on: element 4b + j is word j of
+ * block b; the last unit is cut short at n (`left` elements). */
+#define SCATTER(T, out, base) do {                                                                  \
+        T *restrict o = (T *)(out) + (base);                                                        \
+        if (left == 4 * count) {                                                                    \
+            for (int64_t b = 0; b < count; b++) {                                                   \
+                o[4 * b] = (T)v[0][b]; o[4 * b + 1] = (T)v[1][b];                                   \
+                o[4 * b + 2] = (T)v[2][b]; o[4 * b + 3] = (T)v[3][b];                               \
+            }                                                                                       \
+        } else {                                                                                    \
+            for (int64_t i = 0; i < left; i++) o[i] = (T)v[i & 3][i >> 2];                          \
+        }                                                                                           \
+    } while (0)
+
 /* out[i] = keep_value if u_i < p_keep else drop_value; with p_keep = 2 and 1 / 0 it is the uniform
  * u_i itself (see philox_uniform). Mode 3 is mode 1 with keep 1 and drop 0 stored as bytes (uint8):
  * the same draw in a quarter of the memory. */
@@ -85,26 +99,8 @@ static void fill(void *out, int64_t n, uint64_t seed, int threads, int mode, flo
             }
         }
         const int64_t base = (int64_t)first * 4, left = n - base < 4 * count ? n - base : 4 * count;
-        if (mode == 3) {
-            uint8_t *restrict o = (uint8_t *)out + base;
-            if (left == 4 * count) {
-                for (int64_t b = 0; b < count; b++) {
-                    o[4 * b] = (uint8_t)v[0][b]; o[4 * b + 1] = (uint8_t)v[1][b];
-                    o[4 * b + 2] = (uint8_t)v[2][b]; o[4 * b + 3] = (uint8_t)v[3][b];
-                }
-            } else {
-                for (int64_t i = 0; i < left; i++) o[i] = (uint8_t)v[i & 3][i >> 2];
-            }
-            continue;
-        }
-        float *restrict o = (float *)out + base;
-        if (left == 4 * count) {  /* a whole unit: element 4b + j is word j of block b */
-            for (int64_t b = 0; b < count; b++) {
-                o[4 * b] = v[0][b]; o[4 * b + 1] = v[1][b]; o[4 * b + 2] = v[2][b]; o[4 * b + 3] = v[3][b];
-            }
-        } else {                  /* the last unit, cut short at n */
-            for (int64_t i = 0; i < left; i++) o[i] = v[i & 3][i >> 2];
-        }
+        if (mode == 3) SCATTER(uint8_t, out, base);
+        else SCATTER(float, out, base);
     }
 }
 
